@@ -1,0 +1,191 @@
+"""Compaction: physically remove what a MaskSet prunes, with exactly the outputs of the masked model.
+
+Surgery only: which units go is decided elsewhere (criteria and methods). The result is a model of the same
+classes with smaller shapes, its manifest updated; `save_compacted` writes it as a directory that reloads
+with `load_model` (manifest + config + safetensors, no pickles).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .io import atomic_output_dir
+from .masks import MaskSet, apply_masks
+from .modeling.architecture import layers_of
+from .modeling.loading import MANIFEST_FILE
+from .modeling.modules import AdapterSite, Bottleneck, Fusion, Intermediate, SelfAttention
+from .units import fingerprint
+
+
+def _kept(mask: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    return torch.arange(n) if mask is None else torch.nonzero(mask, as_tuple=False).flatten()
+
+
+def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+    return layer
+
+
+@torch.no_grad()
+def compact(model: nn.Module, maskset: Optional[MaskSet] = None) -> nn.Module:
+    """Return a compacted copy of `model` under `maskset` (None: only fold what can be folded)."""
+    model = copy.deepcopy(model)
+    if maskset is not None:
+        apply_masks(model, maskset)
+    manifest = model.compress_manifest
+    for layer, spec in zip(layers_of(model), manifest["layers"]):
+        spec["heads"] = _compact_attention(layer)
+        spec["intermediate"] = _compact_ffn(layer)
+        for s, site in (("mh_adapter", layer.attention.output), ("output_adapter", layer.output)):
+            spec["sites"][s] = _compact_site(site, spec["sites"][s])
+    manifest["compacted"] = True
+    if maskset is not None:
+        manifest["masks"] = dict(fingerprint=maskset.fingerprint, method=maskset.method, counts=maskset.counts())
+    return model.eval()
+
+
+def _compact_attention(layer) -> int:
+    att: SelfAttention = layer.attention.self
+    d = att.attention_head_size
+    heads = _kept(att.get_mask("heads"), att.num_attention_heads)
+    rows = (heads[:, None] * d + torch.arange(d)[None, :]).flatten()
+    new = SelfAttention(att.query.in_features, len(heads), d, att.dropout.p)
+    for name in ("query", "key", "value"):
+        old = getattr(att, name)
+        setattr(new, name, _linear(old.weight[rows], old.bias[rows]))
+    layer.attention.self = new
+    dense = layer.attention.output.dense
+    layer.attention.output.dense = _linear(dense.weight[:, rows], dense.bias)
+    return len(heads)
+
+
+def _compact_ffn(layer) -> int:
+    ffn: Intermediate = layer.intermediate
+    keep = _kept(ffn.get_mask("neurons"), ffn.dense.out_features)
+    new = Intermediate(ffn.dense.in_features, len(keep), ffn.intermediate_act_fn)
+    new.dense = _linear(ffn.dense.weight[keep], ffn.dense.bias[keep])
+    layer.intermediate = new
+    dense = layer.output.dense
+    layer.output.dense = _linear(dense.weight[:, keep], dense.bias)
+    return len(keep)
+
+
+def _compact_adapter(adapter: Bottleneck, in_fusion: bool):
+    """Drop pruned bottleneck neurons and fold the scaling into the up projection.
+
+    Inside a fusion only the scaled up-projection is used, so gating and the adapter's own layer norm go."""
+    keep = _kept(adapter.get_mask("bottleneck"), adapter.width)
+    hidden = adapter.adapter_up.out_features
+    entry = dict(width=len(keep), non_linearity=adapter.non_linearity_name,
+                 ln_before=hasattr(adapter, "adapter_norm_before"),
+                 ln_after=hasattr(adapter, "adapter_norm_after") and not in_fusion,
+                 adapter_residual_before_ln=adapter.adapter_residual_before_ln,
+                 use_gating=hasattr(adapter, "gate") and not in_fusion, scaling=1.0)
+    new = Bottleneck(hidden, entry["width"], entry["non_linearity"], entry["ln_before"], entry["ln_after"],
+                     entry["adapter_residual_before_ln"], entry["use_gating"], 1.0)
+    scale = adapter.scaling if isinstance(adapter.scaling, torch.Tensor) else torch.tensor([adapter.scaling])
+    scale = scale.detach().reshape(-1, 1) if scale.numel() > 1 else scale.detach().reshape(1, 1)
+    down, up = adapter.down_proj, adapter.adapter_up
+    with torch.no_grad():
+        new.down_proj.weight.copy_(down.weight[keep])
+        new.down_proj.bias.copy_(down.bias[keep])
+        new.adapter_up.weight.copy_(up.weight[:, keep] * scale)
+        new.adapter_up.bias.copy_(up.bias * scale.flatten())
+        for name in ("adapter_norm_before", "adapter_norm_after", "gate"):
+            if hasattr(new, name):
+                getattr(new, name).load_state_dict(getattr(adapter, name).state_dict())
+    return new, entry
+
+
+def _compact_site(site: AdapterSite, spec: dict) -> dict:
+    new_spec = dict(adapters={}, fusions={}, active=None, placement=dict(spec["placement"]))
+    adapters, fusions = nn.ModuleDict(), nn.ModuleDict()
+    if site.active is not None and site.active[0] == "single":
+        name = site.active[1]
+        adapters[name], new_spec["adapters"][name] = _compact_adapter(site.adapters[name], in_fusion=False)
+        new_spec["active"] = ["single", name]
+    elif site.active is not None:
+        fname, names = site.active[1], list(site.active[2])
+        fusion: Fusion = site.adapter_fusion_layer[fname]
+        mask = fusion.get_mask("adapters")
+        kept = [n for i, n in enumerate(names) if mask is None or bool(mask[i])]
+        for n in kept:
+            adapters[n], new_spec["adapters"][n] = _compact_adapter(site.adapters[n], in_fusion=True)
+        has_value = hasattr(fusion, "value")
+        if len(kept) == 1 and not (has_value and fusion.residual_before):
+            # softmax over one adapter is 1: out = V u + residual, a plain adapter with V folded into its up.
+            only = adapters[kept[0]]
+            if has_value:
+                v = fusion.value.weight
+                with torch.no_grad():
+                    only.adapter_up.weight.copy_(v @ only.adapter_up.weight)
+                    only.adapter_up.bias.copy_(v @ only.adapter_up.bias)
+            new_spec["active"] = ["single", kept[0]]
+        else:
+            folded, entry = _fold_fusion(fusion, len(kept))
+            fusions[fname] = folded
+            new_spec["fusions"][fname] = dict(entry, adapters=kept)
+            new_spec["active"] = ["fuse", fname, kept]
+    site.adapters, site.adapter_fusion_layer = adapters, fusions
+    site.active = copy.deepcopy(new_spec["active"])
+    return new_spec
+
+
+def _fold_fusion(fusion: Fusion, n: int):
+    """The folded form of a fusion that keeps n adapters (see Fusion)."""
+    has_q, has_k = (False, False) if n <= 1 else (hasattr(fusion, "query"), hasattr(fusion, "key"))
+    keep_value = hasattr(fusion, "value") and (n > 0 or fusion.residual_before)  # V 0 = 0
+    new = Fusion(fusion.hidden_size, query=has_q, key=has_k, value=keep_value, residual_before=fusion.residual_before,
+                 query_before_ln=fusion.query_before_ln, folded=True)
+    with torch.no_grad():
+        if has_q and has_k:  # r = Wk^T (Wq x + bq)
+            wk = fusion.key.weight
+            new.score_proj.weight.copy_(wk.T @ fusion.query.weight)
+            new.score_proj.bias.copy_(wk.T @ fusion.query.bias)
+        elif has_q:
+            new.score_proj.weight.copy_(fusion.query.weight)
+            new.score_proj.bias.copy_(fusion.query.bias)
+        elif has_k:  # (Wk u + bk) . x = u . (Wk^T x) + const
+            new.score_proj.weight.copy_(fusion.key.weight.T)
+        if keep_value:
+            new.value.weight.copy_(fusion.value.weight)
+    entry = dict(query=has_q, key=has_k, value=keep_value, residual_before=fusion.residual_before,
+                 query_before_ln=fusion.query_before_ln, folded=True)
+    return new, entry
+
+
+def save_compacted(model: nn.Module, out, overwrite: bool = False, tokenizer_dir=None) -> Path:
+    """Write a compacted model: config.json, compress_manifest.json, model.safetensors (+ tokenizer files)."""
+    from safetensors.torch import save_file
+
+    with atomic_output_dir(out, overwrite) as tmp:
+        model.base_model.config.to_json_file(str(tmp / "config.json"))
+        manifest = dict(model.compress_manifest, fingerprint=fingerprint(model))
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if tokenizer_dir is not None:
+            copy_tokenizer_files(Path(tokenizer_dir), tmp)
+    return Path(out)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "sentencepiece.bpe.model")
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    import shutil
+
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)

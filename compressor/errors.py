@@ -1,0 +1,27 @@
+"""Typed errors. The CLI prints their message as one line and exits non-zero."""
+
+
+class CompressorError(Exception):
+    """Base class: a problem with the user's input, explained in one line."""
+
+    exit_code = 2
+
+
+class ModelLoadError(CompressorError):
+    """A model, adapter or fusion directory is missing, incomplete or unreadable."""
+
+
+class UnsupportedAdapterError(CompressorError):
+    """An adapter, fusion or head option that would make our modules compute something else."""
+
+
+class MaskError(CompressorError):
+    """A MaskSet that is malformed or was made for another model."""
+
+
+class PruningConfigError(CompressorError):
+    """Bad pruning arguments: unknown method or kind, sparsity outside [0, 1)."""
+
+
+class OutputExistsError(CompressorError):
+    """The output directory exists and --overwrite was not given."""

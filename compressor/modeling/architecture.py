@@ -1,0 +1,246 @@
+"""The architecture manifest and the surgery that puts our modules into a transformers encoder.
+
+A manifest is a JSON-able dict that fixes every shape of a model: per layer the head count and FFN width, per
+adapter site (`mh_adapter` after attention, `output_adapter` after the FFN) its adapters, fusions, active setup
+and placement. The loader derives one from AdapterHub configs; compaction writes a smaller one; a compacted
+directory is rebuilt from it (no pickles).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForSequenceClassification, PretrainedConfig
+from transformers.modeling_outputs import SequenceClassifierOutput
+
+from ..errors import UnsupportedAdapterError
+from .config import BottleneckConfig, FusionConfig
+from .modules import AdapterSite, Bottleneck, Fusion, Intermediate, PredictionHead, SelfAttention
+
+SUPPORTED_MODEL_TYPES = ("bert", "roberta")
+SITES = ("mh_adapter", "output_adapter")
+MANIFEST_VERSION = 1
+
+
+class FlexHeadModel(nn.Module):
+    """An AdapterHub flex-head model (BertAdapterModel, RobertaAdapterModel): encoder + named prediction heads."""
+
+    def __init__(self, encoder: nn.Module, heads: dict, active_head: str):
+        super().__init__()
+        self.base_model_prefix = encoder.base_model_prefix
+        setattr(self, self.base_model_prefix, encoder)
+        self.config = encoder.config
+        self.heads = nn.ModuleDict(heads)
+        self.active_head = active_head
+
+    @property
+    def base_model(self) -> nn.Module:
+        return getattr(self, self.base_model_prefix)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
+        head = self.heads[self.active_head]
+        cls = out.pooler_output if head.use_pooler else out.last_hidden_state[:, 0]
+        return SequenceClassifierOutput(logits=head(cls), hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+def encoder_of(model: nn.Module) -> nn.Module:
+    return model.base_model
+
+
+def layers_of(model: nn.Module):
+    return encoder_of(model).encoder.layer
+
+
+def base_config_of(model: nn.Module) -> PretrainedConfig:
+    return encoder_of(model).config
+
+
+def check_base_config(config: PretrainedConfig) -> None:
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise UnsupportedAdapterError(
+            f"model type '{config.model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        raise UnsupportedAdapterError(
+            f"position_embedding_type={config.position_embedding_type!r} is not supported (only 'absolute')"
+        )
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise UnsupportedAdapterError("decoder / cross-attention BERT models are not supported (encoders only)")
+
+
+# --------------------------------------------------------------------------- manifest from AdapterHub configs
+
+def site_adapter_entry(cfg: BottleneckConfig, width: int) -> dict:
+    return dict(width=width, non_linearity=cfg.non_linearity, ln_before=cfg.ln_before, ln_after=cfg.ln_after,
+                adapter_residual_before_ln=cfg.adapter_residual_before_ln, use_gating=cfg.use_gating,
+                scaling=cfg.scaling)
+
+
+def site_fusion_entry(fcfg: FusionConfig, names: list, folded: bool = False) -> dict:
+    return dict(adapters=list(names), query=fcfg.query, key=fcfg.key, value=fcfg.value,
+                residual_before=fcfg.residual_before, query_before_ln=fcfg.query_before_ln, folded=folded)
+
+
+def manifest_from_adapterhub(config: PretrainedConfig, model_class: str, adapters: dict, fusions: dict,
+                             heads: Optional[dict] = None, active_head: Optional[str] = None) -> dict:
+    """adapters: name -> BottleneckConfig; fusions: name -> (adapter names, FusionConfig)."""
+    hidden, n_layers = config.hidden_size, config.num_hidden_layers
+    layers = []
+    for i in range(n_layers):
+        sites = {s: dict(adapters={}, fusions={}, active=None, placement={}) for s in SITES}
+        for name, cfg in adapters.items():
+            if i in cfg.leave_out:
+                continue
+            for s in SITES:
+                if getattr(cfg, s):
+                    sites[s]["adapters"][name] = site_adapter_entry(cfg, cfg.width(hidden, i))
+        for fname, (names, fcfg) in fusions.items():
+            for s in SITES:
+                # AdapterHub adds a fusion layer wherever all fused adapters agree on the location flag.
+                if all(getattr(adapters[n], s) for n in names):
+                    sites[s]["fusions"][fname] = site_fusion_entry(fcfg, names)
+        layers.append(dict(heads=config.num_attention_heads, intermediate=config.intermediate_size, sites=sites))
+    return dict(
+        format="compressor-manifest", version=MANIFEST_VERSION, model_class=model_class,
+        head_dim=hidden // config.num_attention_heads, layers=layers,
+        adapterhub=dict(adapters={k: v.to_dict() for k, v in adapters.items()},
+                        fusions={k: dict(adapters=list(n), config=f.to_dict()) for k, (n, f) in fusions.items()}),
+        heads=heads or {}, active_head=active_head, setup=None, compacted=False,
+    )
+
+
+def resolve_setup(manifest: dict, setup: Optional[str]) -> dict:
+    """Set each site's active adapters and placement for `setup` (an adapter or fusion name; None picks the
+    only fusion, else the only adapter) the way AdapterHub's BottleneckLayer resolves it. Returns the manifest."""
+    hub = manifest["adapterhub"]
+    adapters, fusions = hub["adapters"], hub["fusions"]
+    if setup is None:
+        if len(fusions) == 1:
+            setup = next(iter(fusions))
+        elif len(adapters) == 1:
+            setup = next(iter(adapters))
+        elif adapters:
+            raise UnsupportedAdapterError(
+                f"the model has {len(adapters)} adapters and {len(fusions)} fusions; choose one with --setup "
+                f"(adapters: {', '.join(adapters)}; fusions: {', '.join(fusions) or 'none'})"
+            )
+    if setup is not None and setup not in adapters and setup not in fusions:
+        raise UnsupportedAdapterError(
+            f"setup '{setup}' is neither an adapter nor a fusion of this model "
+            f"(adapters: {', '.join(adapters) or 'none'}; fusions: {', '.join(fusions) or 'none'}); "
+            "stacks and other compositions are not supported"
+        )
+    manifest["setup"] = setup
+    for i, layer in enumerate(manifest["layers"]):
+        for s, site in layer["sites"].items():
+            site["active"], site["placement"] = None, {}
+            if setup is None:
+                continue
+            if setup in fusions:
+                names = [n for n in fusions[setup]["adapters"] if n in site["adapters"]]
+                if not names:
+                    continue
+                last = fusions[setup]["adapters"][-1]
+                if last not in site["adapters"]:
+                    raise UnsupportedAdapterError(
+                        f"fusion '{setup}': its last adapter '{last}' is left out of layer {i}, where AdapterHub "
+                        "cannot run the fusion; reorder the fusion or drop leave_out"
+                    )
+                site["active"] = ["fuse", setup, names]
+                lead = adapters[last]
+            elif setup in site["adapters"]:
+                site["active"] = ["single", setup]
+                lead = adapters[setup]
+            else:
+                continue
+            site["placement"] = BottleneckConfig(**lead).placement()
+    return manifest
+
+
+# --------------------------------------------------------------------------- building modules
+
+def _new_site(old: nn.Module, location: str) -> AdapterSite:
+    return AdapterSite(old.dense, old.LayerNorm, old.dropout, location)
+
+
+def install_modules(model: nn.Module, manifest: dict) -> nn.Module:
+    """Replace attention, FFN and sub-layer outputs of every layer by ours, with the manifest's shapes.
+
+    Weights of base modules are copied when shapes agree (loading a full model); otherwise the caller loads a
+    state dict afterwards (rebuilding a compacted model)."""
+    config = base_config_of(model)
+    hidden, head_dim = config.hidden_size, manifest["head_dim"]
+    for layer, spec in zip(layers_of(model), manifest["layers"]):
+        old_att = layer.attention.self
+        att = SelfAttention(hidden, spec["heads"], head_dim, config.attention_probs_dropout_prob)
+        _copy_if_same_shape(att, old_att)
+        layer.attention.self = att
+        old_ffn = layer.intermediate
+        ffn = Intermediate(hidden, spec["intermediate"], config.hidden_act)
+        _copy_if_same_shape(ffn, old_ffn)
+        layer.intermediate = ffn
+        layer.attention.output = _new_site(layer.attention.output, "mh_adapter")
+        layer.output = _new_site(layer.output, "output_adapter")
+        if spec["heads"] * head_dim != layer.attention.output.dense.in_features:
+            layer.attention.output.dense = nn.Linear(spec["heads"] * head_dim, hidden)
+        if spec["intermediate"] != layer.output.dense.in_features:
+            layer.output.dense = nn.Linear(spec["intermediate"], hidden)
+        for s, site_module in (("mh_adapter", layer.attention.output), ("output_adapter", layer.output)):
+            site = spec["sites"][s]
+            for name, a in site["adapters"].items():
+                site_module.adapters[name] = Bottleneck(
+                    hidden, a["width"], a["non_linearity"], a["ln_before"], a["ln_after"],
+                    a["adapter_residual_before_ln"], a["use_gating"], a["scaling"])
+            for name, f in site["fusions"].items():
+                site_module.adapter_fusion_layer[name] = Fusion(
+                    hidden, f["query"], f["key"], f["value"], f["residual_before"], f["query_before_ln"], f["folded"])
+    apply_setup(model, manifest)
+    return model
+
+
+def apply_setup(model: nn.Module, manifest: dict) -> None:
+    for layer, spec in zip(layers_of(model), manifest["layers"]):
+        for s, site_module in (("mh_adapter", layer.attention.output), ("output_adapter", layer.output)):
+            site_module.active = copy.deepcopy(spec["sites"][s]["active"])
+            site_module.placement = dict(spec["sites"][s]["placement"])
+    model.compress_manifest = manifest
+
+
+def _copy_if_same_shape(new: nn.Module, old: nn.Module) -> None:
+    new_sd, old_sd = new.state_dict(), old.state_dict()
+    if all(k in old_sd and old_sd[k].shape == v.shape for k, v in new_sd.items()):
+        new.load_state_dict({k: old_sd[k] for k in new_sd})
+
+
+def empty_model(config: PretrainedConfig, manifest: dict) -> nn.Module:
+    """A model with the manifest's shapes and uninitialised-but-allocated weights (to load a state dict into)."""
+    config = copy.deepcopy(config)
+    config._attn_implementation = "eager"
+    kind = manifest["model_class"]
+    if kind == "sequence_classification":
+        model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
+    else:
+        encoder = AutoModel.from_config(config, attn_implementation="eager", add_pooling_layer=manifest.get("pooler", True))
+        model = encoder
+        if kind == "flex":
+            heads = {name: PredictionHead(config.hidden_size, **head_kwargs(h, config)) for name, h in manifest["heads"].items()}
+            model = FlexHeadModel(encoder, heads, manifest["active_head"])
+    return install_modules(model, manifest)
+
+
+def head_kwargs(head_config: dict, config: PretrainedConfig) -> dict:
+    """Our PredictionHead arguments from an AdapterHub `prediction_heads` entry."""
+    if head_config.get("head_type") != "classification":
+        raise UnsupportedAdapterError(
+            f"prediction head type '{head_config.get('head_type')}' is not supported (only 'classification')"
+        )
+    dropout = head_config.get("dropout_prob")
+    if dropout is None:
+        dropout = getattr(config, "classifier_dropout", None) or getattr(config, "hidden_dropout_prob", 0.0)
+    return dict(num_labels=head_config["num_labels"], layers=head_config.get("layers", 2),
+                activation_function=head_config.get("activation_function", "tanh"), bias=head_config.get("bias", True),
+                use_pooler=head_config.get("use_pooler", False), dropout=dropout)

@@ -1,0 +1,146 @@
+"""AdapterHub adapter and fusion configurations, resolved into the few options that change the computation.
+
+We read AdapterHub's `adapter_config.json` / `adapter_fusion_config.json` (and the `adapters` section of a
+full-model `config.json`) without importing the `adapters` library. Every option that would make our modules
+compute something different from AdapterHub is either implemented here or rejected by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Union
+
+from ..errors import UnsupportedAdapterError
+
+# AdapterHub's named bottleneck configurations (adapters/configuration/adapter_config.py).
+_SEQ_BN = dict(
+    original_ln_before=True, original_ln_after=True, residual_before_ln=True, adapter_residual_before_ln=False,
+    ln_before=False, ln_after=False, mh_adapter=False, output_adapter=True, non_linearity="relu",
+    reduction_factor=16,
+)
+_DOUBLE_SEQ_BN = dict(
+    _SEQ_BN, original_ln_before=False, mh_adapter=True, non_linearity="swish",
+)
+NAMED_ADAPTER_CONFIGS = {"seq_bn": _SEQ_BN, "pfeiffer": _SEQ_BN, "double_seq_bn": _DOUBLE_SEQ_BN, "houlsby": _DOUBLE_SEQ_BN}
+
+_FUSION_STATIC = dict(key=True, query=True, value=False, query_before_ln=False, residual_before=False,
+                      temperature=False, value_before_softmax=True)
+_FUSION_DYNAMIC = dict(_FUSION_STATIC, value=True)
+NAMED_FUSION_CONFIGS = {"static": _FUSION_STATIC, "dynamic": _FUSION_DYNAMIC}
+
+# Options that must hold these values, else the adapter computes something we do not implement.
+_REQUIRED_VALUES = {
+    "architecture": (None, "bottleneck"),
+    "is_parallel": (False,),
+    "phm_layer": (False,),
+    "inv_adapter": (None,),
+    "cross_adapter": (False,),
+}
+# Options that only matter during training or initialisation.
+_IGNORED = {
+    "dropout", "init_weights", "init_weights_seed", "stochastic_depth", "inv_adapter_reduction_factor",
+    "factorized_phm_W", "factorized_phm_rule", "hypercomplex_nonlinearity", "learn_phm", "phm_bias",
+    "phm_c_init", "phm_dim", "phm_init_range", "phm_rank", "shared_W_phm", "shared_phm_rule",
+}
+
+
+@dataclass
+class BottleneckConfig:
+    """One bottleneck adapter: what it computes and where it sits."""
+
+    mh_adapter: bool = False
+    output_adapter: bool = True
+    reduction_factor: Union[float, dict] = 16
+    non_linearity: str = "relu"
+    original_ln_before: bool = True
+    original_ln_after: bool = True
+    residual_before_ln: Union[bool, str] = True
+    adapter_residual_before_ln: bool = False
+    ln_before: bool = False
+    ln_after: bool = False
+    use_gating: bool = False
+    scaling: Union[float, str] = 1.0
+    leave_out: list = field(default_factory=list)
+
+    @classmethod
+    def from_adapterhub(cls, raw: Union[str, Mapping[str, Any]], name: str = "?") -> "BottleneckConfig":
+        if isinstance(raw, str):
+            if raw.lower() not in NAMED_ADAPTER_CONFIGS:
+                raise UnsupportedAdapterError(
+                    f"adapter '{name}': config '{raw}' is not supported; supported: seq_bn (pfeiffer), double_seq_bn (houlsby)"
+                )
+            raw = NAMED_ADAPTER_CONFIGS[raw.lower()]
+        raw = dict(raw)
+        for key, allowed in _REQUIRED_VALUES.items():
+            if key in raw and raw[key] not in allowed:
+                raise UnsupportedAdapterError(
+                    f"adapter '{name}': option {key}={raw[key]!r} is not supported (only {allowed[-1]!r}); "
+                    "convert the adapter to a sequential bottleneck (seq_bn or double_seq_bn)"
+                )
+        known = set(cls.__dataclass_fields__) | set(_REQUIRED_VALUES) | _IGNORED
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise UnsupportedAdapterError(f"adapter '{name}': unknown option(s) {', '.join(unknown)}; cannot load it faithfully")
+        cfg = cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
+        cfg._validate(name)
+        return cfg
+
+    def _validate(self, name: str) -> None:
+        if self.residual_before_ln not in (True, False, "post_add"):
+            raise UnsupportedAdapterError(f"adapter '{name}': residual_before_ln={self.residual_before_ln!r} is not supported")
+        if self.residual_before_ln == "post_add" and not self.original_ln_before:
+            raise UnsupportedAdapterError(f"adapter '{name}': residual_before_ln='post_add' needs original_ln_before=True")
+        if not (isinstance(self.scaling, (int, float)) or self.scaling in ("learned", "channel")):
+            raise UnsupportedAdapterError(f"adapter '{name}': scaling={self.scaling!r} is not supported")
+        if isinstance(self.reduction_factor, Mapping) and "default" not in self.reduction_factor:
+            pass  # checked per layer in width(): AdapterHub raises only for layers missing from the mapping
+
+    def width(self, hidden_size: int, layer: int) -> int:
+        """Bottleneck width as AdapterHub computes it: int(hidden // reduction_factor), at least 1."""
+        rf = self.reduction_factor
+        if isinstance(rf, Mapping):
+            if str(layer) in rf:
+                rf = rf[str(layer)]
+            elif "default" in rf:
+                rf = rf["default"]
+            else:
+                raise UnsupportedAdapterError(f"reduction_factor mapping {rf} has no entry for layer {layer} and no 'default'")
+        return max(1, int(hidden_size // rf))
+
+    def placement(self) -> dict:
+        """The options that decide how a site wires residuals and the layer norm around its adapters."""
+        return dict(
+            original_ln_before=self.original_ln_before,
+            original_ln_after=self.original_ln_after,
+            residual_before_ln=self.residual_before_ln,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class FusionConfig:
+    key: bool = True
+    query: bool = True
+    value: bool = True
+    query_before_ln: bool = False
+    residual_before: bool = False
+    value_before_softmax: bool = True  # V is linear and bias-free: before or after the weighted sum is the same
+    temperature: bool = False  # AdapterHub anneals T only in training; inference uses T = 1
+
+    @classmethod
+    def from_adapterhub(cls, raw: Union[str, Mapping[str, Any]], name: str = "?") -> "FusionConfig":
+        if isinstance(raw, str):
+            if raw not in NAMED_FUSION_CONFIGS:
+                raise UnsupportedAdapterError(f"fusion '{name}': config '{raw}' is not supported; supported: dynamic, static")
+            raw = NAMED_FUSION_CONFIGS[raw]
+        raw = {k: v for k, v in dict(raw).items()
+               if k not in ("regularization", "value_initialized", "dropout_prob", "architecture")}
+        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise UnsupportedAdapterError(f"fusion '{name}': unknown option(s) {', '.join(unknown)}")
+        return cls(**raw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,233 @@
+"""`load_model`: a transformers encoder, an AdapterHub full model, base + adapter + fusion directories, or a
+directory we wrote after compaction, into one plain nn.Module with our adapter modules.
+
+Weights are read with safetensors, or with `torch.load(weights_only=True)` for `.bin` files: never a pickle
+that can run code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+from transformers import logging as hf_logging
+
+from ..errors import ModelLoadError, UnsupportedAdapterError
+from .architecture import (
+    FlexHeadModel, PredictionHead, check_base_config, empty_model, head_kwargs, install_modules,
+    manifest_from_adapterhub, resolve_setup,
+)
+from .config import BottleneckConfig, FusionConfig
+
+MANIFEST_FILE = "compress_manifest.json"
+MODEL_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+ADAPTER_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
+FUSION_WEIGHTS = ("model_adapter_fusion.safetensors", "pytorch_model_adapter_fusion.bin")
+# `<anything>encoder.layer.<i>.<site path>.(adapters|adapter_fusion_layer).<name>.<param>`
+_ADAPTER_KEY = re.compile(r"^(?:.*\.)?(encoder\.layer\.\d+\.(?:attention\.)?output\.(?:adapters|adapter_fusion_layer)\..+)$")
+
+log = logging.getLogger(__name__)
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e}); re-save the model") from e
+
+
+def read_weights(path: Path) -> dict:
+    """A state dict from a .safetensors file, or a .bin file loaded with weights_only=True."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors and torch raise many types for a corrupt or unsafe file
+        raise ModelLoadError(
+            f"cannot read weights from {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+            "(is the file complete? .bin files are loaded with weights_only=True; re-save with safetensors)"
+        ) from e
+
+
+def find_weights(directory: Path, names: Sequence[str], what: str) -> Path:
+    for name in names:
+        if (directory / name).is_file():
+            return directory / name
+    raise ModelLoadError(f"{directory} has no {what} weights (expected one of: {', '.join(names)})")
+
+
+def load_model(path=None, adapters: Optional[Sequence] = None, fusion=None, setup: Optional[str] = None,
+               head: Optional[str] = None) -> nn.Module:
+    """Load a model for pruning, compaction and export.
+
+    path: a transformers encoder directory (BERT, RoBERTa; with or without a sequence-classification head), an
+        AdapterHub full-model directory, or a directory written by `compress compact`. None: the embedded default.
+    adapters: AdapterHub adapter directories to add to a base model. fusion: an AdapterHub fusion directory.
+    setup: which adapter or fusion to run (default: the only fusion, else the only adapter).
+    head: which AdapterHub prediction head to use (default: the only one).
+    Returns an nn.Module in eval mode whose output has `.logits` (with a head) or `.last_hidden_state`.
+    """
+    if path is None:
+        from ..default_model import default_model_dir
+        path = default_model_dir()
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {path} does not exist")
+    if (path / MANIFEST_FILE).is_file():
+        if adapters or fusion:
+            raise ModelLoadError(f"{path} is a compacted model: it cannot take extra adapters or fusions")
+        return load_compacted(path)
+    raw_config = read_json(path / "config.json")
+    weights_file = find_weights(path, MODEL_WEIGHTS, "model")
+    config = AutoConfig.from_pretrained(path)
+    check_base_config(config)
+
+    hub = raw_config.get("adapters") or {}
+    adapter_cfgs, fusion_cfgs = _adapterhub_configs(hub)
+    extra_weights = {}
+    full_state = read_weights(weights_file)
+    extra_weights.update({k: v for k, v in full_state.items() if _ADAPTER_KEY.match(k) or k.startswith("heads.")})
+    for adapter_dir in adapters or ():
+        name, cfg, weights = _read_adapter_dir(Path(adapter_dir), config.hidden_size)
+        if name in adapter_cfgs:
+            raise ModelLoadError(f"adapter '{name}' is given twice (in the model and in {adapter_dir})")
+        adapter_cfgs[name] = cfg
+        extra_weights.update(weights)
+    if fusion is not None:
+        fname, names, fcfg, weights = _read_fusion_dir(Path(fusion), adapter_cfgs)
+        fusion_cfgs[fname] = (names, fcfg)
+        extra_weights.update(weights)
+
+    heads_cfg = raw_config.get("prediction_heads") or {}
+    architectures = raw_config.get("architectures") or []
+    if heads_cfg or any(a.endswith("AdapterModel") for a in architectures):
+        model_class = "flex"
+    elif any(a.endswith("ForSequenceClassification") for a in architectures):
+        model_class = "sequence_classification"
+    elif not architectures or any(a.endswith("Model") for a in architectures):
+        model_class = "encoder"
+    else:
+        raise UnsupportedAdapterError(
+            f"architecture {architectures[0]} is not supported: use an encoder (BertModel, RobertaModel), a "
+            "...ForSequenceClassification model or an AdapterHub model with a classification head"
+        )
+    active_head = None
+    if model_class == "flex" and heads_cfg:
+        active_head = head or (next(iter(heads_cfg)) if len(heads_cfg) == 1 else None)
+        if active_head not in heads_cfg:
+            raise UnsupportedAdapterError(
+                f"choose a prediction head with --head (heads: {', '.join(heads_cfg)})"
+            )
+        heads_cfg = {active_head: heads_cfg[active_head]}
+
+    manifest = manifest_from_adapterhub(config, model_class, adapter_cfgs, fusion_cfgs, heads_cfg, active_head)
+    resolve_setup(manifest, setup)
+    model = _load_base(path, config, model_class, full_state)
+    manifest["pooler"] = getattr(model.base_model, "pooler", None) is not None
+    if model_class == "flex":
+        heads = {n: PredictionHead(config.hidden_size, **head_kwargs(h, config)) for n, h in heads_cfg.items()}
+        model = FlexHeadModel(model, heads, active_head)
+    install_modules(model, manifest)
+    _load_extra(model, extra_weights)
+    return model.eval()
+
+
+def _adapterhub_configs(hub: dict):
+    adapter_cfgs, fusion_cfgs = {}, {}
+    config_map = hub.get("config_map", {})
+    for name, cfg_id in (hub.get("adapters") or {}).items():
+        raw = config_map.get(cfg_id, cfg_id)
+        adapter_cfgs[name] = BottleneckConfig.from_adapterhub(raw, name)
+    fusion_map = hub.get("fusion_config_map", {})
+    for fname, cfg_id in (hub.get("fusions") or {}).items():
+        names = (hub.get("fusion_name_map") or {}).get(fname, fname.split(","))
+        raw = fusion_map.get(cfg_id, cfg_id)
+        fusion_cfgs[fname] = (list(names), FusionConfig.from_adapterhub(raw, fname))
+    return adapter_cfgs, fusion_cfgs
+
+
+def _read_adapter_dir(directory: Path, hidden_size: int):
+    meta = read_json(directory / "adapter_config.json")
+    name = meta.get("name") or directory.name
+    if meta.get("hidden_size") not in (None, hidden_size):
+        raise ModelLoadError(
+            f"adapter '{name}' in {directory} was trained for hidden size {meta['hidden_size']}, the model has {hidden_size}"
+        )
+    cfg = BottleneckConfig.from_adapterhub(meta.get("config", meta), name)
+    weights = read_weights(find_weights(directory, ADAPTER_WEIGHTS, "adapter"))
+    return name, cfg, weights
+
+
+def _read_fusion_dir(directory: Path, adapter_cfgs: dict):
+    meta = read_json(directory / "adapter_fusion_config.json")
+    names = list(meta.get("adapter_names") or [])
+    fname = meta.get("name") or ",".join(names)
+    missing = [n for n in names if n not in adapter_cfgs]
+    if missing:
+        raise ModelLoadError(
+            f"fusion '{fname}' in {directory} fuses adapter(s) {', '.join(missing)} that are not loaded; pass them with --adapter"
+        )
+    fcfg = FusionConfig.from_adapterhub(meta.get("config", "dynamic"), fname)
+    weights = read_weights(find_weights(directory, FUSION_WEIGHTS, "fusion"))
+    return fname, names, fcfg, weights
+
+
+def _load_base(path: Path, config, model_class: str, full_state: dict) -> nn.Module:
+    cls = AutoModelForSequenceClassification if model_class == "sequence_classification" else AutoModel
+    kwargs = {} if cls is AutoModelForSequenceClassification else dict(
+        add_pooling_layer=any(".pooler." in k or k.startswith("pooler.") for k in full_state))
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # adapter and head keys are "unexpected" to transformers: we load them
+    try:
+        return cls.from_pretrained(path, config=config, attn_implementation="eager", **kwargs)
+    except Exception as e:
+        raise ModelLoadError(f"transformers cannot load the base model in {path}: {str(e).splitlines()[0]}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _load_extra(model: nn.Module, weights: dict) -> None:
+    """Load adapter, fusion and head weights, whatever model class the checkpoint was saved from."""
+    own = model.state_dict()
+    prefix = next((k.split("encoder.layer.")[0] for k in own if "encoder.layer." in k), "")
+    wanted = {k for k in own if ".adapters." in k or ".adapter_fusion_layer." in k or k.startswith("heads.")}
+    mapped = {}
+    for key, value in weights.items():
+        m = _ADAPTER_KEY.match(key)
+        target = prefix + m.group(1) if m else key
+        if target in wanted:
+            if value.shape != own[target].shape:
+                raise ModelLoadError(
+                    f"weight {key} has shape {tuple(value.shape)}, the adapter config implies {tuple(own[target].shape)}"
+                )
+            mapped[target] = value
+    missing = sorted(wanted - set(mapped))
+    if missing:
+        raise ModelLoadError(
+            f"{len(missing)} adapter/fusion/head weight(s) missing from the checkpoint, e.g. {missing[0]}"
+        )
+    model.load_state_dict(mapped, strict=False)
+
+
+def load_compacted(path: Path) -> nn.Module:
+    manifest = read_json(path / MANIFEST_FILE)
+    if manifest.get("format") != "compressor-manifest":
+        raise ModelLoadError(f"{path / MANIFEST_FILE} is not a compressor manifest")
+    config = AutoConfig.from_pretrained(path)
+    check_base_config(config)
+    state = read_weights(find_weights(path, ("model.safetensors",), "model"))
+    model = empty_model(config, manifest)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        bad = (result.missing_keys or result.unexpected_keys)[0]
+        raise ModelLoadError(f"{path}/model.safetensors does not match its manifest (e.g. {bad}); re-run compress compact")
+    return model.eval()

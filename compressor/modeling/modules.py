@@ -1,0 +1,299 @@
+"""Our plain nn.Modules: attention with per-layer head counts, FFN, bottleneck adapters, AdapterFusion, the
+site that wires them where AdapterHub wires its BottleneckLayer, and AdapterHub's classification head.
+
+Attribute names follow AdapterHub and transformers so that module paths (and so mask keys and state-dict keys)
+are the ones users know. Every structured unit can carry a boolean mask buffer (non-persistent); a masked
+module computes exactly what the compacted module computes after the masked units are removed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+from transformers.activations import get_activation
+
+
+def activation(name: Optional[str]) -> nn.Module:
+    """AdapterHub's Activation_Function_Class: transformers' activations by lower-cased name."""
+    if name is None:
+        return nn.Identity()
+    if name.lower() == "leakyrelu":
+        return nn.LeakyReLU()
+    return get_activation(name.lower())
+
+
+class Maskable:
+    """Structured masks as non-persistent buffers named `mask_<kind>` (True = keep)."""
+
+    def set_mask(self, kind: str, mask: Optional[torch.Tensor]) -> None:
+        name = f"mask_{kind}"
+        if mask is None:
+            if name in self._buffers:
+                del self._buffers[name]
+            return
+        self.register_buffer(name, mask.to(torch.bool), persistent=False)
+
+    def get_mask(self, kind: str) -> Optional[torch.Tensor]:
+        return self._buffers.get(f"mask_{kind}")
+
+
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """nn.Linear that also works with zero input features (everything pruned: only the bias is left)."""
+    if layer.in_features == 0:
+        out = torch.zeros(*x.shape[:-1], layer.out_features, dtype=x.dtype, device=x.device)
+        return out + layer.bias if layer.bias is not None else out
+    return layer(x)
+
+
+class SelfAttention(nn.Module, Maskable):
+    """BERT/RoBERTa eager self-attention with its own head count (0 allowed) and an optional head mask.
+
+    Replaces transformers' BertSelfAttention (same parameter names, same call signature) because transformers
+    keeps one head count per model and v5 dropped `prune_heads`.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.num_attention_heads = num_heads
+        self.attention_head_size = head_dim
+        self.all_head_size = num_heads * head_dim
+        self.query = nn.Linear(hidden_size, self.all_head_size)
+        self.key = nn.Linear(hidden_size, self.all_head_size)
+        self.value = nn.Linear(hidden_size, self.all_head_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        return x.view(b, s, self.num_attention_heads, self.attention_head_size).transpose(1, 2)
+
+    def forward(self, hidden_states, attention_mask=None, head_mask=None, encoder_hidden_states=None,
+                past_key_values=None, output_attentions=False, cache_position=None, **kwargs):
+        b, s, _ = hidden_states.shape
+        if self.num_attention_heads == 0:
+            return hidden_states.new_zeros(b, s, 0), None
+        q, k, v = (self._split(layer(hidden_states)) for layer in (self.query, self.key, self.value))
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.attention_head_size)
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = self.dropout(torch.softmax(scores, dim=-1))
+        if head_mask is not None:
+            probs = probs * head_mask
+        context = torch.matmul(probs, v)
+        mask = self.get_mask("heads")
+        if mask is not None:
+            context = context * mask.to(context.dtype).view(1, -1, 1, 1)
+        context = context.transpose(1, 2).reshape(b, s, self.all_head_size)
+        return context, (probs if output_attentions else None)
+
+
+class Intermediate(nn.Module, Maskable):
+    """BertIntermediate with a neuron mask after the non-linearity."""
+
+    def __init__(self, hidden_size: int, width: int, hidden_act):
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, width)
+        self.intermediate_act_fn = get_activation(hidden_act) if isinstance(hidden_act, str) else hidden_act
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = self.intermediate_act_fn(self.dense(hidden_states))
+        mask = self.get_mask("neurons")
+        return out if mask is None else out * mask.to(out.dtype)
+
+
+class Bottleneck(nn.Module, Maskable):
+    """AdapterHub's sequential bottleneck adapter (methods/modeling.py `Adapter`), inference path.
+
+    `forward` returns (output, up): `output` is the adapter's own result (gating, layer norm, residual), `up`
+    the scaled up-projection that AdapterFusion mixes.
+    """
+
+    def __init__(self, hidden_size: int, width: int, non_linearity: str = "relu", ln_before: bool = False,
+                 ln_after: bool = False, adapter_residual_before_ln: bool = False, use_gating: bool = False,
+                 scaling=1.0):
+        super().__init__()
+        self.width = width
+        self.non_linearity_name = non_linearity
+        self.adapter_residual_before_ln = adapter_residual_before_ln
+        down = []
+        if ln_before:
+            self.adapter_norm_before = nn.LayerNorm(hidden_size)
+            down.append(self.adapter_norm_before)
+        down += [nn.Linear(hidden_size, width), activation(non_linearity)]
+        self.adapter_down = nn.Sequential(*down)
+        self.adapter_up = nn.Linear(width, hidden_size)
+        if isinstance(scaling, (int, float)):
+            self.scaling = float(scaling)
+        elif scaling == "learned":
+            self.scaling = nn.Parameter(torch.ones(1))
+        else:  # "channel"
+            self.scaling = nn.Parameter(torch.ones(hidden_size))
+        if ln_after:
+            self.adapter_norm_after = nn.LayerNorm(hidden_size)
+        if use_gating:
+            self.gate = nn.Linear(hidden_size, 1)
+
+    @property
+    def down_proj(self) -> nn.Linear:
+        return self.adapter_down[-2]
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """Activations of the bottleneck neurons (after the non-linearity), masked."""
+        if hasattr(self, "adapter_norm_before"):
+            x = self.adapter_norm_before(x)
+        down = self.adapter_down[-1](self.down_proj(x))
+        mask = self.get_mask("bottleneck")
+        return down if mask is None else down * mask.to(down.dtype)
+
+    def up(self, x: torch.Tensor) -> torch.Tensor:
+        up = linear(self.bottleneck(x), self.adapter_up)
+        return up * self.scaling if not (isinstance(self.scaling, float) and self.scaling == 1.0) else up
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor):
+        up = self.up(x)
+        out = up
+        if hasattr(self, "gate"):
+            gate = torch.sigmoid(self.gate(x)).mean(dim=1).unsqueeze(-1)
+            out = out * gate
+        if self.adapter_residual_before_ln:
+            out = out + residual
+        if hasattr(self, "adapter_norm_after"):
+            out = self.adapter_norm_after(out)
+        if not self.adapter_residual_before_ln:
+            out = out + residual
+        return out, up
+
+
+class Fusion(nn.Module, Maskable):
+    """AdapterFusion (AdapterHub's BertFusion), inference path, in one of two exact forms.
+
+    - "standard": AdapterHub's parameters (query, key, value) and computation, n key projections per token.
+    - "folded" (after compaction): scores_i = u_i . (M x + c) with M = Wk^T Wq and c = Wk^T bq (the key bias
+      adds the same q.bk to every score, which the softmax cancels), and the bias-free value projection applied
+      once to the softmax-weighted sum: 2h^2 + O(nh) per token instead of (2n+1)h^2.
+    The `adapters` mask removes a fused adapter from the softmax; with none left the mixed context is zero.
+    """
+
+    def __init__(self, hidden_size: int, query: bool = True, key: bool = True, value: bool = True,
+                 residual_before: bool = False, query_before_ln: bool = False, folded: bool = False):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.residual_before = residual_before
+        self.query_before_ln = query_before_ln
+        self.folded = folded
+        if folded:
+            if query or key:
+                self.score_proj = nn.Linear(hidden_size, hidden_size, bias=query)
+        else:
+            if query:
+                self.query = nn.Linear(hidden_size, hidden_size)
+            if key:
+                self.key = nn.Linear(hidden_size, hidden_size)
+        if value:
+            self.value = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def _scores(self, query: torch.Tensor, ups: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            r = self.score_proj(query) if hasattr(self, "score_proj") else query
+            return torch.einsum("bsh,bsnh->bsn", r, ups)
+        q = self.query(query) if hasattr(self, "query") else query
+        k = self.key(ups) if hasattr(self, "key") else ups
+        return torch.einsum("bsh,bsnh->bsn", q, k)
+
+    def forward(self, query: torch.Tensor, ups: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """query [b, s, h]; ups [b, s, n, h] (scaled up-projections of the fused adapters); residual [b, s, h]."""
+        n = ups.shape[2]
+        mask = self.get_mask("adapters")
+        if n == 0 or (mask is not None and not bool(mask.any())):
+            context = torch.zeros_like(residual)
+        elif n == 1 and mask is None:
+            context = ups[:, :, 0]  # a softmax over one is 1
+        else:
+            scores = self._scores(query, ups)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            context = torch.einsum("bsn,bsnh->bsh", probs, ups)
+        if self.residual_before:
+            context = context + residual
+        if hasattr(self, "value"):
+            context = self.value(context)
+        if not self.residual_before:
+            context = context + residual
+        return context
+
+
+class AdapterSite(nn.Module):
+    """Replaces BertSelfOutput / BertOutput: dense + dropout, then the active adapter setup wired as
+    AdapterHub's BottleneckLayer wires it (pre_forward of the lead adapter, the adapter or fusion,
+    post_forward), then the layer norm.
+
+    `placement` holds the lead adapter's original_ln_before / original_ln_after / residual_before_ln: the
+    first adapter of a single setup, the last adapter of a fusion (AdapterHub's compose_fuse).
+    `active` is None (plain transformer sub-layer), ("single", name) or ("fuse", fusion name, [adapter names]).
+    """
+
+    def __init__(self, dense: nn.Linear, layer_norm: nn.LayerNorm, dropout: nn.Module, location: str):
+        super().__init__()
+        self.dense = dense
+        self.LayerNorm = layer_norm
+        self.dropout = dropout
+        self.location = location
+        self.adapters = nn.ModuleDict()
+        self.adapter_fusion_layer = nn.ModuleDict()
+        self.active = None
+        self.placement: dict = {}
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        h = self.dropout(linear(hidden_states, self.dense))
+        if self.active is None:
+            return self.LayerNorm(h + input_tensor)
+        fuse = self.active[0] == "fuse"
+        fusion = self.adapter_fusion_layer[self.active[1]] if fuse else None
+        # AdapterHub's Adapter.pre_forward
+        p = self.placement
+        query = None
+        residual = h if p["residual_before_ln"] is True else None
+        if fuse and fusion.query_before_ln:
+            query = h
+        if p["original_ln_before"]:
+            h = h + input_tensor
+            if p["residual_before_ln"] == "post_add":
+                residual = h
+            h = self.LayerNorm(h)
+        if p["residual_before_ln"] is False:
+            residual = h
+        if fuse and not fusion.query_before_ln:
+            query = h
+        if fuse:
+            names = self.active[2]
+            ups = [self.adapters[n].up(h) for n in names]
+            ups = torch.stack(ups, dim=2) if ups else h.new_zeros(*h.shape[:2], 0, h.shape[-1])
+            out = fusion(query, ups, residual)
+        else:
+            out, _ = self.adapters[self.active[1]](h, residual)
+        # AdapterHub's Adapter.post_forward
+        if p["original_ln_after"]:
+            out = self.LayerNorm(out + input_tensor)
+        return out
+
+
+class PredictionHead(nn.Sequential):
+    """AdapterHub's ClassificationHead layout (heads/base.py): [Dropout, Linear, act, Dropout, Linear] for
+    layers=2, applied to the first token (or the pooler output with use_pooler)."""
+
+    def __init__(self, hidden_size: int, num_labels: int, layers: int = 2, activation_function: str = "tanh",
+                 bias: bool = True, use_pooler: bool = False, dropout: float = 0.0):
+        modules = []
+        for i in range(layers):
+            modules.append(nn.Dropout(dropout))
+            if i < layers - 1:
+                modules.append(nn.Linear(hidden_size, hidden_size))
+                if activation_function:
+                    modules.append(activation(activation_function))
+            else:
+                modules.append(nn.Linear(hidden_size, num_labels, bias=bias))
+        super().__init__(*modules)
+        self.use_pooler = use_pooler
