@@ -165,18 +165,24 @@ def _fold_fusion(fusion: Fusion, n: int):
 
 
 def save_compacted(model: nn.Module, out, overwrite: bool = False, tokenizer_dir=None) -> Path:
-    """Write a compacted model: config.json, compress_manifest.json, model.safetensors (+ tokenizer files)."""
+    """Write a compacted model as a directory that appears whole or not at all."""
+    with atomic_output_dir(out, overwrite) as tmp:
+        write_compacted(model, tmp, tokenizer_dir)
+    return Path(out)
+
+
+def write_compacted(model: nn.Module, directory: Path, tokenizer_dir=None) -> None:
+    """config.json, compress_manifest.json, model.safetensors (+ the tokenizer files of `tokenizer_dir`)."""
     from safetensors.torch import save_file
 
-    with atomic_output_dir(out, overwrite) as tmp:
-        model.base_model.config.to_json_file(str(tmp / "config.json"))
-        manifest = dict(model.compress_manifest, fingerprint=fingerprint(model))
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
-        state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer_dir is not None:
-            copy_tokenizer_files(Path(tokenizer_dir), tmp)
-    return Path(out)
+    model.base_model.config.to_json_file(str(directory / "config.json"))
+    manifest = dict(model.compress_manifest, fingerprint=fingerprint(model))
+    (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+    # clone: safetensors refuses shared storage (AdapterHub registers ln_before twice)
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(Path(tokenizer_dir), directory)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",

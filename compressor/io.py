@@ -29,3 +29,10 @@ def atomic_output_dir(target, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_output_dir(target, overwrite: bool = False) -> None:
+    """Fail early, before any work, when the output exists and may not be replaced."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise OutputExistsError(f"{target} already exists; choose another --out or pass --overwrite")

@@ -57,6 +57,7 @@ import adapters
 from adapters import AdapterConfig, AutoAdapterModel, Fuse
 from adapters.configuration import AdapterFusionConfig
 from transformers import (
+    AutoConfig,
     BertConfig,
     BertForSequenceClassification,
     BertModel,
@@ -103,8 +104,16 @@ class Case:
     fusion: Optional[Tuple[Tuple[str, ...], FusionConfigSpec]] = None
     setup: Optional[str] = None
     active: str = "a"
-    formats: Tuple[str, ...] = FORMATS
     unsupported: Optional[str] = None  # for unsupported cases: the option the error must name
+
+    @property
+    def formats(self) -> Tuple[str, ...]:
+        # AdapterHub registers the ln_before LayerNorm twice (adapter_norm_before and adapter_down.0):
+        # safetensors refuses shared tensors, so AdapterHub itself cannot save such adapters in
+        # safetensors (neither save_pretrained nor save_adapter(use_safetensors=True)).
+        if any(isinstance(spec, Mapping) and spec.get("ln_before") for _, spec in self.adapters):
+            return ("full_bin", "split_bin")
+        return FORMATS
 
     @property
     def seed(self) -> int:
@@ -511,7 +520,15 @@ def expected_files(case: Case, fmt: str) -> Dict[str, set]:
 def reload_reference(case: Case, fmt: str, spec: Mapping[str, Any]) -> nn.Module:
     """Reload a saved case with the adapters library itself and activate the case's setup."""
     if fmt in ("full", "full_bin"):
-        model = AutoAdapterModel.from_pretrained(spec["path"])
+        # AdapterHub cannot reload its own full model when a fusion has a custom (dict) config: the
+        # JSON-loaded fusion_config_map holds plain dicts and BottleneckLayer.add_fusion_layer reads
+        # `fusion_config.dropout_prob` (AttributeError). Turn them back into config objects first.
+        config = AutoConfig.from_pretrained(spec["path"])
+        fusion_map = config.adapters.get("fusion_config_map", {})
+        for key, value in list(fusion_map.items()):
+            if isinstance(value, Mapping):
+                fusion_map[key] = AdapterFusionConfig.from_dict(value)
+        model = AutoAdapterModel.from_pretrained(spec["path"], config=config)
     else:
         safe = fmt == "split_safetensors"
         if case.head == "flex":

@@ -1,0 +1,68 @@
+"""Analytic cost: parameters and FLOPs per token (a multiply-add = 2 FLOPs) of every layer, so users see where
+the cost is. Embeddings and the prediction head are left out of the FLOPs (they do not change with pruning)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .modeling.architecture import layers_of
+from .modeling.modules import AdapterSite, Fusion
+from .units import active_adapter_names
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def fusion_flops(fusion: Fusion, n: int, hidden: int) -> int:
+    """Per token. AdapterHub's form projects every adapter's output by the key and (value_before_softmax) the
+    value matrix; the folded form projects the query once and applies the value once."""
+    if n == 0:
+        return 2 * hidden * hidden if hasattr(fusion, "value") else 0
+    mix = 4 * n * hidden  # scores and weighted sum
+    if fusion.folded:
+        proj = (2 * hidden * hidden if hasattr(fusion, "score_proj") else 0)
+        return proj + mix + (2 * hidden * hidden if hasattr(fusion, "value") else 0)
+    proj = 2 * hidden * hidden * (int(hasattr(fusion, "query")) + n * int(hasattr(fusion, "key")))
+    return proj + mix + (2 * n * hidden * hidden if hasattr(fusion, "value") else 0)
+
+
+def site_cost(site: AdapterSite, hidden: int) -> dict:
+    names = active_adapter_names(site)
+    adapter_flops = sum(4 * hidden * site.adapters[n].width + (2 * hidden if hasattr(site.adapters[n], "gate") else 0)
+                        for n in names)
+    fusion = fusion_params = 0
+    if site.active is not None and site.active[0] == "fuse":
+        module = site.adapter_fusion_layer[site.active[1]]
+        fusion, fusion_params = fusion_flops(module, len(names), hidden), _params(module)
+    return dict(adapters=names, widths=[site.adapters[n].width for n in names], adapter_flops=adapter_flops,
+                fusion_flops=fusion, adapter_params=sum(_params(site.adapters[n]) for n in names),
+                fusion_params=fusion_params, fused=site.active is not None and site.active[0] == "fuse")
+
+
+def layer_costs(model: nn.Module, seq_len: int = 128) -> list:
+    hidden = model.base_model.config.hidden_size
+    rows = []
+    for i, layer in enumerate(layers_of(model)):
+        att = layer.attention.self
+        inner = att.all_head_size
+        att_flops = 2 * hidden * inner * 3 + 4 * seq_len * inner + 2 * inner * hidden
+        ffn = layer.intermediate.dense.out_features
+        sites = {s: site_cost(m, hidden) for s, m in (("mh_adapter", layer.attention.output), ("output_adapter", layer.output))}
+        base_params = _params(att) + _params(layer.attention.output.dense) + _params(layer.intermediate) + \
+            _params(layer.output.dense) + 4 * hidden
+        rows.append(dict(
+            layer=i, heads=att.num_attention_heads, ffn=ffn, sites=sites,
+            attention_flops=att_flops, ffn_flops=4 * hidden * ffn,
+            adapter_flops=sum(s["adapter_flops"] for s in sites.values()),
+            fusion_flops=sum(s["fusion_flops"] for s in sites.values()),
+            base_params=base_params,
+            adapter_params=sum(s["adapter_params"] + s["fusion_params"] for s in sites.values()),
+        ))
+    return rows
+
+
+def total_cost(model: nn.Module, seq_len: int = 128) -> dict:
+    rows = layer_costs(model, seq_len)
+    flops = {k: sum(r[k] for r in rows) for k in ("attention_flops", "ffn_flops", "adapter_flops", "fusion_flops")}
+    return dict(params=_params(model), flops_per_token=sum(flops.values()), **flops, seq_len=seq_len)
