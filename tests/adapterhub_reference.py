@@ -281,7 +281,7 @@ CASES: List[Case] = [
     _fuse("bert_flex_fuse2", [("a", "seq_bn"), ("b", _c("double_seq_bn", mh_adapter=False))], head="flex"),
     _single("roberta_seq_bn", "seq_bn", arch="roberta"),
     _single("roberta_double_seq_bn_gating", _c("double_seq_bn", use_gating=True, scaling="learned"), arch="roberta"),
-    _fuse("roberta_fuse2_double_seq_bn", [("a", "double_seq_bn"), ("b", _c("double_seq_bn", leave_out=[0]))], arch="roberta"),
+    _fuse("roberta_fuse2_double_seq_bn", [("a", _c("double_seq_bn", leave_out=[0])), ("b", "double_seq_bn")], arch="roberta"),
     _single("roberta_seqcls_seq_bn", _c("seq_bn", ln_after=True), arch="roberta", head="seqcls"),
     _fuse("roberta_regression_fuse2", [("a", "seq_bn"), ("b", "seq_bn")], arch="roberta", head="regression"),
     Case(id="roberta_flex_seq_bn", arch="roberta", head="flex", adapters=((FLEX_HEAD, "double_seq_bn"),), active=FLEX_HEAD),

@@ -145,12 +145,12 @@ def _adapterhub_configs(hub: dict):
     adapter_cfgs, fusion_cfgs = {}, {}
     config_map = hub.get("config_map", {})
     for name, cfg_id in (hub.get("adapters") or {}).items():
-        raw = config_map.get(cfg_id, cfg_id)
+        raw = config_map.get(cfg_id, cfg_id) if isinstance(cfg_id, str) else cfg_id
         adapter_cfgs[name] = BottleneckConfig.from_adapterhub(raw, name)
     fusion_map = hub.get("fusion_config_map", {})
     for fname, cfg_id in (hub.get("fusions") or {}).items():
         names = (hub.get("fusion_name_map") or {}).get(fname, fname.split(","))
-        raw = fusion_map.get(cfg_id, cfg_id)
+        raw = fusion_map.get(cfg_id, cfg_id) if isinstance(cfg_id, str) else cfg_id
         fusion_cfgs[fname] = (list(names), FusionConfig.from_adapterhub(raw, fname))
     return adapter_cfgs, fusion_cfgs
 

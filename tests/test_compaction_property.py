@@ -1,0 +1,143 @@
+"""Invariant 1 of DESIGN.md: for any MaskSet, masked model == compacted model (fp32, max abs diff <= 1e-5),
+on random inputs with random padding, including all-pruned units and fusions left with one adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import compressor
+from compressor.compaction import compact, save_compacted
+from compressor.masks import MaskSet, masked_copy
+from compressor.units import iter_units
+from factories import make_model_dir, random_inputs
+
+VARIANTS = {
+    "bert-pfeiffer-dynamic-flex": dict(model_type="bert", adapter_config="seq_bn", fusion="dynamic", head="flex"),
+    "bert-houlsby-static": dict(model_type="bert", adapter_config="double_seq_bn", fusion="static"),
+    "roberta-pfeiffer-dynamic-classifier": dict(model_type="roberta", adapter_config="seq_bn", fusion="dynamic",
+                                                head="classifier"),
+    "bert-residual-before-query-before-ln": dict(
+        model_type="bert", adapter_config="seq_bn", fusion="dynamic",
+        fusion_overrides=dict(residual_before=True, query_before_ln=True)),
+    "roberta-houlsby-keyless": dict(model_type="roberta", adapter_config="double_seq_bn", fusion="dynamic",
+                                    fusion_overrides=dict(key=False)),
+    "bert-single-adapter-gated-channel": dict(
+        model_type="bert", adapter_config="seq_bn", fusion=None, n_adapters=1,
+        adapter_overrides=dict(use_gating=True, ln_after=True, ln_before=True, scaling="channel")),
+}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for name, kwargs in VARIANTS.items():
+        d = make_model_dir(tmp_path_factory.mktemp(name), **kwargs)
+        out[name] = (kwargs["model_type"], compressor.load_model(d))
+    return out
+
+
+def _output(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if getattr(out, "logits", None) is not None else out.last_hidden_state
+
+
+def _random_masks(model, data) -> MaskSet:
+    """Each unit group: keep all, prune all, keep exactly one, or a random subset."""
+    masks = {}
+    for unit in iter_units(model):
+        style = data.draw(st.sampled_from(["all", "none", "one", "random", "random"]), label=unit.kind)
+        n = unit.size
+        if style == "all":
+            keep = torch.ones(n, dtype=torch.bool)
+        elif style == "none":
+            keep = torch.zeros(n, dtype=torch.bool)
+        elif style == "one":
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[data.draw(st.integers(0, n - 1), label="kept")] = True
+        else:
+            seed = data.draw(st.integers(0, 2**31 - 1), label="seed")
+            keep = torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+        masks[unit.key] = keep.view(unit.shape)
+    from compressor.units import fingerprint
+    return MaskSet(masks, fingerprint(model), "property-test")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_masked_equals_compacted(models, variant, data):
+    model_type, model = models[variant]
+    maskset = _random_masks(model, data)
+    masked, compacted = masked_copy(model, maskset), compact(model, maskset)
+    padding = data.draw(st.sampled_from(["right", "left", "random"]))
+    batch, seq = data.draw(st.integers(1, 4)), data.draw(st.integers(2, 12))
+    inputs = random_inputs(model_type, batch, seq, padding, seed=data.draw(st.integers(0, 1000)))
+    ref, out = _output(masked, inputs), _output(compacted, inputs)
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_compaction_really_shrinks(models):
+    """Pruning half of every kind removes parameters and fused adapters; a fusion left with one adapter
+    becomes a plain adapter (no fusion module left at that site)."""
+    _, model = models["bert-pfeiffer-dynamic-flex"]
+    masks = {}
+    for unit in iter_units(model):
+        keep = torch.ones(unit.size, dtype=torch.bool)
+        if unit.kind == "adapters":
+            keep[1:] = False
+        elif unit.kind in ("heads", "neurons", "bottleneck"):
+            keep[: unit.size // 2] = False
+        masks[unit.key] = keep.view(unit.shape)
+    from compressor.units import fingerprint
+    compacted = compact(model, MaskSet(masks, fingerprint(model)))
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n_params(compacted) < 0.8 * n_params(model)
+    for layer in compacted.base_model.encoder.layer:
+        assert layer.attention.self.num_attention_heads == 2
+        assert len(layer.output.adapter_fusion_layer) == 0
+        assert layer.output.active[0] == "single"
+
+
+def test_all_heads_pruned_layer_keeps_output_bias(models):
+    _, model = models["bert-houlsby-static"]
+    masks = {u.key: torch.zeros(u.shape, dtype=torch.bool) for u in iter_units(model)
+             if u.kind == "heads" and ".layer.0." in u.key}
+    from compressor.units import fingerprint
+    compacted = compact(model, MaskSet(masks, fingerprint(model)))
+    att = compacted.base_model.encoder.layer[0].attention
+    assert att.self.num_attention_heads == 0 and att.output.dense.in_features == 0
+    inputs = random_inputs("bert", 2, 5)
+    assert (_output(compacted, inputs) - _output(masked_copy(model, MaskSet(masks, fingerprint(model))), inputs)
+            ).abs().max() <= 1e-5
+
+
+def test_folded_fusion_is_cheaper(models):
+    """The rewritten fusion costs 2h^2 + O(nh) per token instead of (2n+1)h^2."""
+    from compressor.flops import fusion_flops
+    _, model = models["bert-pfeiffer-dynamic-flex"]
+    compacted = compact(model)
+    hidden = model.base_model.config.hidden_size
+    site, new_site = model.base_model.encoder.layer[0].output, compacted.base_model.encoder.layer[0].output
+    fname, names = site.active[1], site.active[2]
+    n = len(names)
+    assert fusion_flops(site.adapter_fusion_layer[fname], n, hidden) == 2 * hidden * hidden * (2 * n + 1) + 4 * n * hidden
+    assert fusion_flops(new_site.adapter_fusion_layer[fname], n, hidden) == 4 * hidden * hidden + 4 * n * hidden
+    assert not hasattr(new_site.adapter_fusion_layer[fname], "key")
+
+
+def test_compacted_directory_reloads(models, tmp_path):
+    model_type, model = models["roberta-pfeiffer-dynamic-classifier"]
+    from compressor.pruning import prune
+    maskset = prune(model, "random", dict(heads=0.5, neurons=0.5, adapters=0.5, bottleneck=0.5), seed=3)
+    compacted = compact(model, maskset)
+    save_compacted(compacted, tmp_path / "c")
+    reloaded = compressor.load_model(tmp_path / "c")
+    inputs = random_inputs(model_type, 3, 7, "left")
+    assert (_output(reloaded, inputs) - _output(compacted, inputs)).abs().max() == 0
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / "c").iterdir())
