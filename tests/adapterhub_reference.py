@@ -176,7 +176,11 @@ CASES: List[Case] = [
     _single("double_seq_bn_relu", _c("double_seq_bn", non_linearity="relu")),
     _single("seq_bn_residual_before_ln_false", _c("seq_bn", residual_before_ln=False)),
     _single("seq_bn_residual_before_ln_post_add", _c("seq_bn", residual_before_ln="post_add")),
-    _single("double_seq_bn_residual_before_ln_false", _c("double_seq_bn", residual_before_ln=False)),
+    # residual_before_ln only matters together with original_ln_before=True
+    _single(
+        "double_seq_bn_residual_before_ln_false",
+        _c("double_seq_bn", residual_before_ln=False, original_ln_before=True),
+    ),
     _single("seq_bn_ln_before", _c("seq_bn", ln_before=True)),
     _single("seq_bn_ln_after", _c("seq_bn", ln_after=True)),
     _single("seq_bn_ln_after_adapter_residual_before_ln", _c("seq_bn", ln_after=True, adapter_residual_before_ln=True)),
@@ -487,10 +491,11 @@ def save_case(model: nn.Module, case: Case, fmt: str, root: Union[str, os.PathLi
 
 def expected_files(case: Case, fmt: str) -> Dict[str, set]:
     """File names each saved directory must hold (relative dir name -> names)."""
-    if fmt == "full":
-        return {"model": {"config.json", "model.safetensors"}}
-    if fmt == "full_bin":
-        return {"model": {"config.json", "pytorch_model.bin"}}
+    if fmt in ("full", "full_bin"):
+        names = {"config.json", "model.safetensors" if fmt == "full" else "pytorch_model.bin"}
+        if case.head == "flex":  # BertAdapterModel/RobertaAdapterModel are GenerationMixins
+            names.add("generation_config.json")
+        return {"model": names}
     safe = fmt == "split_safetensors"
     head_files = {"head_config.json", "model_head.safetensors" if safe else "pytorch_model_head.bin"}
     files = {"base": {"config.json", "model.safetensors" if safe else "pytorch_model.bin"}}
@@ -557,6 +562,43 @@ def reloaded_outputs(model: nn.Module, case: Case, inputs: Mapping[str, torch.Te
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+class ReferenceStore:
+    """Builds each case once, computes its reference outputs once, saves each format once.
+
+    Meant to sit behind a session-scoped pytest fixture (``ReferenceStore(tmp_path_factory.mktemp(...))``).
+    """
+
+    def __init__(self, root: Union[str, os.PathLike]):
+        self.root = Path(root)
+        self._models: Dict[str, nn.Module] = {}
+        self._expected: Dict[Tuple[str, str], torch.Tensor] = {}
+        self._saved: Dict[Tuple[str, str], Dict[str, Any]] = {}
+
+    def model(self, case: Case) -> nn.Module:
+        if case.id not in self._models:
+            self._models[case.id] = build_reference(case)
+        return self._models[case.id]
+
+    def inputs(self, case: Case, padding: str) -> Dict[str, torch.Tensor]:
+        return make_inputs(case.arch, padding)
+
+    def expected(self, case: Case, padding: str) -> torch.Tensor:
+        key = (case.id, padding)
+        if key not in self._expected:
+            self._expected[key] = reference_outputs(self.model(case), case, self.inputs(case, padding))
+        return self._expected[key]
+
+    def saved(self, case: Case, fmt: str) -> Dict[str, Any]:
+        """load_model kwargs of the case saved in ``fmt`` (a fresh copy of the dict each call)."""
+        key = (case.id, fmt)
+        if key not in self._saved:
+            self._saved[key] = save_case(self.model(case), case, fmt, self.root / case.id / fmt)
+        spec = dict(self._saved[key])
+        if spec["adapters"] is not None:
+            spec["adapters"] = list(spec["adapters"])
+        return spec
 
 
 if __name__ == "__main__":  # quick self-check: python tests/adapterhub_reference.py

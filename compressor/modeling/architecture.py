@@ -26,7 +26,9 @@ MANIFEST_VERSION = 1
 
 
 class FlexHeadModel(nn.Module):
-    """An AdapterHub flex-head model (BertAdapterModel, RobertaAdapterModel): encoder + named prediction heads."""
+    """An AdapterHub flex-head model (BertAdapterModel, RobertaAdapterModel): encoder + named prediction heads.
+
+    Kept as a wrapper even without heads so that module paths carry AdapterHub's prefix (`bert.encoder...`)."""
 
     def __init__(self, encoder: nn.Module, heads: dict, active_head: str):
         super().__init__()
@@ -42,6 +44,8 @@ class FlexHeadModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
         out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
+        if self.active_head is None:  # an AdapterHub model saved without a head: hidden states, like transformers
+            return out
         head = self.heads[self.active_head]
         cls = out.pooler_output if head.use_pooler else out.last_hidden_state[:, 0]
         return SequenceClassifierOutput(logits=head(cls), hidden_states=out.hidden_states, attentions=out.attentions)
@@ -103,7 +107,9 @@ def manifest_from_adapterhub(config: PretrainedConfig, model_class: str, adapter
                 # AdapterHub adds a fusion layer wherever all fused adapters agree on the location flag.
                 if all(getattr(adapters[n], s) for n in names):
                     sites[s]["fusions"][fname] = site_fusion_entry(fcfg, names)
-        layers.append(dict(heads=config.num_attention_heads, intermediate=config.intermediate_size, sites=sites))
+        pruned = (getattr(config, "pruned_heads", None) or {}).get(i, [])  # transformers prunes these at init
+        layers.append(dict(heads=config.num_attention_heads - len(pruned), intermediate=config.intermediate_size,
+                           sites=sites))
     return dict(
         format="compressor-manifest", version=MANIFEST_VERSION, model_class=model_class,
         head_dim=hidden // config.num_attention_heads, layers=layers,

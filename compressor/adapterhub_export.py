@@ -1,0 +1,230 @@
+"""Write a pruned model back in AdapterHub's full-model format, so that the `adapters` library loads it.
+
+AdapterHub cannot hold everything compaction produces, so the written model is the masked model made as small
+as AdapterHub's configs allow, padded with exact zeros where they cannot vary:
+- heads: transformers' `pruned_heads` in config.json (a layer keeps at least one head; if all were pruned,
+  head 0 stays with zero output columns, which contributes nothing);
+- FFN neurons: one `intermediate_size`, the largest kept width; narrower layers get zero rows and columns;
+- bottleneck neurons: a per-layer `reduction_factor` mapping, width k written as hidden / (k + 0.5) (AdapterHub
+  computes int(hidden // rf)); the attention and FFN sites of a layer share it, so the narrower is zero-padded;
+- fused adapters: an adapter pruned from a layer's fusion is left out of that layer (`leave_out`); the fusion
+  order is changed, where the adapters' placements allow, so that its last adapter runs wherever the fusion does.
+The result is loaded back with our loader and compared with the compacted model: a model that AdapterHub
+cannot represent exactly is an error, never a silently different file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedAdapterError
+from .masks import MaskSet, masked_copy
+from .modeling.architecture import layers_of
+from .modeling.config import NAMED_FUSION_CONFIGS, FusionConfig
+from .units import active_adapter_names
+
+
+def _keep(mask: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    return torch.arange(n) if mask is None else torch.nonzero(mask, as_tuple=False).flatten()
+
+
+def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(n - t.shape[0], *t.shape[1:])]) if t.shape[0] < n else t
+
+
+def _pad_cols(t: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1])], dim=1) if t.shape[1] < n else t
+
+
+@torch.no_grad()
+def write_adapterhub(model: nn.Module, maskset: Optional[MaskSet], out: Path, reference: nn.Module) -> Path:
+    manifest = model.compress_manifest
+    if manifest.get("compacted"):
+        raise UnsupportedAdapterError("--adapterhub needs the original (uncompacted) model, not a compacted one")
+    hub = copy.deepcopy(manifest["adapterhub"])
+    setup = manifest["setup"]
+    masked = masked_copy(model, maskset) if maskset is not None else copy.deepcopy(model)
+    state = {k: v.detach().clone() for k, v in masked.state_dict().items()}
+    config = copy.deepcopy(model.base_model.config)
+    hidden = config.hidden_size
+    layers = list(layers_of(masked))
+    prefix = next(k.split("encoder.layer.")[0] for k in state if "encoder.layer." in k)
+
+    # heads
+    pruned_heads = {}
+    for i, layer in enumerate(layers):
+        att = layer.attention.self
+        d, n = att.attention_head_size, att.num_attention_heads
+        keep = _keep(att.get_mask("heads"), n)
+        silent = len(keep) == 0
+        if silent:
+            keep = torch.tensor([0])
+        if len(keep) < n:
+            pruned_heads[i] = sorted(set(range(n)) - set(keep.tolist()))
+            rows = (keep[:, None] * d + torch.arange(d)[None, :]).flatten()
+            p = f"{prefix}encoder.layer.{i}.attention"
+            for name in ("query", "key", "value"):
+                state[f"{p}.self.{name}.weight"] = state[f"{p}.self.{name}.weight"][rows]
+                state[f"{p}.self.{name}.bias"] = state[f"{p}.self.{name}.bias"][rows]
+            state[f"{p}.output.dense.weight"] = state[f"{p}.output.dense.weight"][:, rows] * (0.0 if silent else 1.0)
+    if pruned_heads:
+        base_pruned = getattr(config, "pruned_heads", None) or {}
+        if base_pruned:
+            raise UnsupportedAdapterError("the model already has pruned_heads; write it back from an unpruned model")
+        config.pruned_heads = pruned_heads
+
+    # FFN neurons
+    keeps = [_keep(layer.intermediate.get_mask("neurons"), layer.intermediate.dense.out_features) for layer in layers]
+    width = max(1, max(len(k) for k in keeps))
+    for i, keep in enumerate(keeps):
+        p = f"{prefix}encoder.layer.{i}"
+        state[f"{p}.intermediate.dense.weight"] = _pad_rows(state[f"{p}.intermediate.dense.weight"][keep], width)
+        state[f"{p}.intermediate.dense.bias"] = _pad_rows(state[f"{p}.intermediate.dense.bias"][keep], width)
+        state[f"{p}.output.dense.weight"] = _pad_cols(state[f"{p}.output.dense.weight"][:, keep], width)
+    config.intermediate_size = width
+
+    # fused adapters -> leave_out; bottleneck neurons -> per-layer widths
+    fusion = hub["fusions"].get(setup)
+    present = {}  # layer -> set of adapters that run there
+    for i, layer in enumerate(layers):
+        for site in (layer.attention.output, layer.output):
+            names = active_adapter_names(site)
+            if site.active is not None and site.active[0] == "fuse":
+                mask = site.adapter_fusion_layer[site.active[1]].get_mask("adapters")
+                names = [n for j, n in enumerate(names) if mask is None or bool(mask[j])]
+            prev = present.setdefault(i, None)
+            if prev is not None and set(names) != prev and site.active is not None:
+                raise UnsupportedAdapterError(
+                    f"layer {i}: its attention and FFN fusions keep different adapters, which AdapterHub's "
+                    "per-layer leave_out cannot express"
+                )
+            if site.active is not None:
+                present[i] = set(names)
+    widths = {}  # (adapter, layer) -> kept bottleneck indices per site
+    for i, layer in enumerate(layers):
+        for site in (layer.attention.output, layer.output):
+            for name in present.get(i) or ():
+                adapter = site.adapters[name] if name in site.adapters else None
+                if adapter is not None:
+                    widths.setdefault((name, i), []).append(_keep(adapter.get_mask("bottleneck"), adapter.width))
+    for name, cfg in hub["adapters"].items():
+        used = [i for i in range(len(layers)) if name in (present.get(i) or ())]
+        if name not in _setup_names(hub, setup):
+            continue
+        cfg["leave_out"] = sorted(set(range(len(layers))) - set(used))
+        mapping = {}
+        for i in used:
+            w = max(1, max(len(k) for k in widths[(name, i)]))
+            mapping[str(i)] = hidden / (w + 0.5)
+            for site_name, site in (("attention.output", layers[i].attention.output), ("output", layers[i].output)):
+                if name not in site.adapters:
+                    continue
+                keep = _keep(site.adapters[name].get_mask("bottleneck"), site.adapters[name].width)
+                p = f"{prefix}encoder.layer.{i}.{site_name}.adapters.{name}"
+                down = f"{p}.adapter_down.{1 if cfg['ln_before'] else 0}"
+                state[f"{down}.weight"] = _pad_rows(state[f"{down}.weight"][keep], w)
+                state[f"{down}.bias"] = _pad_rows(state[f"{down}.bias"][keep], w)
+                state[f"{p}.adapter_up.weight"] = _pad_cols(state[f"{p}.adapter_up.weight"][:, keep], w)
+        cfg["reduction_factor"] = mapping or cfg["reduction_factor"]
+    if fusion is not None:
+        order = _reorder_fusion(fusion["adapters"], present, hub["adapters"])
+        if order != fusion["adapters"]:  # the fusion's name is its adapter list: rename its weights too
+            new_setup = ",".join(order)
+            old_part, new_part = f".adapter_fusion_layer.{setup}.", f".adapter_fusion_layer.{new_setup}."
+            state = {k.replace(old_part, new_part): v for k, v in state.items()}
+            hub["fusions"][new_setup] = dict(fusion, adapters=order)
+            del hub["fusions"][setup]
+            setup = new_setup
+
+    # only the active setup travels; drop the rest
+    keep_names = _setup_names(hub, setup)
+    state = {k: v for k, v in state.items() if _belongs(k, keep_names, setup)}
+    hub_section = _hub_section(hub, setup, keep_names)
+    raw = config.to_dict()
+    raw["adapters"] = hub_section
+    if manifest["model_class"] == "flex" and manifest.get("heads"):
+        raw["prediction_heads"] = manifest["heads"]
+        raw["architectures"] = [f"{type(model.base_model).__name__.replace('Model', '')}AdapterModel"]
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _verify(out, setup, model, reference)
+    return out
+
+
+def _setup_names(hub: dict, setup: Optional[str]) -> list:
+    if setup is None:
+        return []
+    return list(hub["fusions"][setup]["adapters"]) if setup in hub["fusions"] else [setup]
+
+
+def _belongs(key: str, names: list, setup: Optional[str]) -> bool:
+    if ".adapters." in key:
+        return key.split(".adapters.", 1)[1].split(".", 1)[0] in names
+    if ".adapter_fusion_layer." in key:
+        return key.split(".adapter_fusion_layer.", 1)[1].rsplit(".", 2)[0] == setup
+    return True
+
+
+def _reorder_fusion(names: list, present: dict, adapters: dict) -> list:
+    """AdapterHub needs the fusion's last adapter wherever the fusion runs; it also takes that adapter's
+    placement. Move an always-present adapter last when every fused adapter has the same placement."""
+    running = [p for p in present.values() if p]
+    if all(names[-1] in p for p in running):
+        return names
+    candidates = [n for n in names if all(n in p for p in running)]
+    placements = {json.dumps({k: adapters[n][k] for k in ("original_ln_before", "original_ln_after",
+                                                           "residual_before_ln")}) for n in names}
+    if not candidates or len(placements) > 1:
+        raise UnsupportedAdapterError(
+            "no adapter of the fusion survives in every layer, and AdapterHub runs a fusion only where its last "
+            "adapter is present: this pruned fusion cannot be written in AdapterHub's format (the compacted "
+            "directory is still written)"
+        )
+    return [n for n in names if n != candidates[0]] + [candidates[0]]
+
+
+def _hub_section(hub: dict, setup: Optional[str], names: list) -> dict:
+    adapters = {n: hub["adapters"][n] for n in names}
+    section = dict(adapters={n: f"cfg_{n}" for n in adapters}, config_map={f"cfg_{n}": c for n, c in adapters.items()},
+                   fusions={}, fusion_config_map={}, fusion_name_map={})
+    if setup in hub["fusions"]:
+        f = hub["fusions"][setup]
+        named = [k for k, v in NAMED_FUSION_CONFIGS.items() if FusionConfig.from_adapterhub(v).to_dict() == f["config"]]
+        if named:  # adapters 1.3 reads only named fusion configs back from a full model's config.json
+            section["fusions"][setup] = named[0]
+        else:
+            section["fusions"][setup] = "fusion_cfg"
+            section["fusion_config_map"]["fusion_cfg"] = dict(
+                dict(regularization=False, value_initialized=False, dropout_prob=None), **f["config"])
+        section["fusion_name_map"][setup] = f["adapters"]
+    return section
+
+
+def _verify(out: Path, setup: Optional[str], model: nn.Module, reference: nn.Module) -> None:
+    from .modeling.loading import load_model
+
+    written = load_model(out, setup=setup)
+    config = model.base_model.config
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, config.vocab_size, (3, 11), generator=gen)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 7:] = 0
+    mask[2, :4] = 0
+    with torch.no_grad():
+        a, b = written(input_ids=ids, attention_mask=mask), reference(input_ids=ids, attention_mask=mask)
+    a = a.logits if getattr(a, "logits", None) is not None else a.last_hidden_state
+    b = b.logits if getattr(b, "logits", None) is not None else b.last_hidden_state
+    diff = (a - b).abs().max().item()
+    if diff > 1e-4:
+        raise UnsupportedAdapterError(
+            f"the pruned model is not representable exactly in AdapterHub's format (max abs diff {diff:.2e} "
+            "after writing it back); use the compacted directory instead"
+        )
