@@ -89,7 +89,7 @@ class MaskSet:
         )
         with atomic_output_dir(directory, overwrite) as tmp:
             tensors = {k: v.contiguous() for k, v in sorted(self.masks.items())}
-            save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
+            save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": f"{FORMAT}-v{FORMAT_VERSION}"})  # one entry: byte-stable
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         return Path(directory)
 
@@ -106,7 +106,8 @@ class MaskSet:
             meta = json.loads((directory / META_FILE).read_text())
         except json.JSONDecodeError as e:
             raise MaskError(f"{directory / META_FILE} is not valid JSON: {e}") from e
-        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION \
+                or not isinstance(meta.get("fingerprint"), str):
             raise MaskError(f"{directory / META_FILE} is not a version-{FORMAT_VERSION} mask file")
         try:
             masks = load_file(str(directory / TENSORS_FILE))

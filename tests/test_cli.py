@@ -214,6 +214,32 @@ def test_bad_model(model_dir, tmp_path, bad, command):
         assert str(path) in line
 
 
+def _edit_config(model_dir, tmp_path, edit):
+    import shutil
+
+    d = tmp_path / "edited"
+    shutil.copytree(model_dir, d)
+    raw = json.loads((d / "config.json").read_text())
+    raw = edit(raw) or raw
+    (d / "config.json").write_text(json.dumps(raw))
+    return d
+
+
+@pytest.mark.parametrize("edit, needle", [
+    pytest.param(lambda c: c["adapters"]["config_map"]["cfg"].update(reduction_factor=32), "adapter config implies",
+                 id="weights-do-not-match-config"),
+    pytest.param(lambda c: [c], "config.json", id="config-not-an-object"),
+    pytest.param(lambda c: dict(c, model_type="nonexistent"), "nonexistent", id="unknown-model-type"),
+    pytest.param(lambda c: c["adapters"]["config_map"]["cfg"].update(reduction_factor=0), "reduction_factor",
+                 id="reduction-factor-zero"),
+    pytest.param(lambda c: c["adapters"]["fusion_name_map"].update({"a0,a1,a2": ["a0", "zz"]}), "zz",
+                 id="fusion-of-unknown-adapter"),
+])
+def test_malformed_config(model_dir, tmp_path, edit, needle):
+    path = _edit_config(model_dir, tmp_path, edit)
+    assert_user_error(invoke("inspect", path), needle)
+
+
 def test_bad_model_inspect(model_dir, tmp_path):
     assert_user_error(invoke("inspect", _corrupt(model_dir, tmp_path, "truncated")), "cannot read weights")
     assert_user_error(invoke("inspect", tmp_path / "nowhere"), "does not exist")
@@ -299,8 +325,6 @@ def test_unknown_setup(model_dir, tmp_path):
                       out=tmp_path / "out")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: compressor/cli.py user_errors prints the error message as rich markup "
-                   "(unescaped): '[x]' in a path vanishes, '[/]' raises MarkupError with a traceback")
 @pytest.mark.parametrize("name", ["run[x]", "run[/]b"])
 def test_error_message_keeps_brackets(tmp_path, name):
     missing = tmp_path / name / "model"

@@ -92,8 +92,9 @@ class BottleneckConfig:
             raise UnsupportedAdapterError(f"adapter '{name}': residual_before_ln='post_add' needs original_ln_before=True")
         if not (isinstance(self.scaling, (int, float)) or self.scaling in ("learned", "channel")):
             raise UnsupportedAdapterError(f"adapter '{name}': scaling={self.scaling!r} is not supported")
-        if isinstance(self.reduction_factor, Mapping) and "default" not in self.reduction_factor:
-            pass  # checked per layer in width(): AdapterHub raises only for layers missing from the mapping
+        factors = self.reduction_factor.values() if isinstance(self.reduction_factor, Mapping) else [self.reduction_factor]
+        if not all(isinstance(f, (int, float)) and f > 0 for f in factors):
+            raise UnsupportedAdapterError(f"adapter '{name}': reduction_factor={self.reduction_factor!r} must be > 0")
 
     def width(self, hidden_size: int, layer: int) -> int:
         """Bottleneck width as AdapterHub computes it: int(hidden // reduction_factor), at least 1."""

@@ -28,6 +28,7 @@ from .config import BottleneckConfig, FusionConfig
 MANIFEST_FILE = "compress_manifest.json"
 MODEL_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 ADAPTER_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
+HEAD_WEIGHTS = ("model_head.safetensors", "pytorch_model_head.bin")
 FUSION_WEIGHTS = ("model_adapter_fusion.safetensors", "pytorch_model_adapter_fusion.bin")
 # `<anything>encoder.layer.<i>.<site path>.(adapters|adapter_fusion_layer).<name>.<param>`
 _ADAPTER_KEY = re.compile(r"^(?:.*\.)?(encoder\.layer\.\d+\.(?:attention\.)?output\.(?:adapters|adapter_fusion_layer)\..+)$")
@@ -39,9 +40,12 @@ def read_json(path: Path) -> dict:
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path} is not valid JSON ({e}); re-save the model") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, not a {type(data).__name__}; re-save the model")
+    return data
 
 
 def read_weights(path: Path) -> dict:
@@ -88,7 +92,7 @@ def load_model(path=None, adapters: Optional[Sequence] = None, fusion=None, setu
         return load_compacted(path)
     raw_config = read_json(path / "config.json")
     weights_file = find_weights(path, MODEL_WEIGHTS, "model")
-    config = AutoConfig.from_pretrained(path)
+    config = _auto_config(path)
     check_base_config(config)
 
     hub = raw_config.get("adapters") or {}
@@ -96,22 +100,25 @@ def load_model(path=None, adapters: Optional[Sequence] = None, fusion=None, setu
     extra_weights = {}
     full_state = read_weights(weights_file)
     extra_weights.update({k: v for k, v in full_state.items() if _ADAPTER_KEY.match(k) or k.startswith("heads.")})
+    heads_cfg = dict(raw_config.get("prediction_heads") or {})
     for adapter_dir in adapters or ():
-        name, cfg, weights = _read_adapter_dir(Path(adapter_dir), config.hidden_size)
+        name, cfg, weights, head_cfg = _read_adapter_dir(Path(adapter_dir), config.hidden_size)
         if name in adapter_cfgs:
             raise ModelLoadError(f"adapter '{name}' is given twice (in the model and in {adapter_dir})")
         adapter_cfgs[name] = cfg
         extra_weights.update(weights)
+        if head_cfg is not None:  # AdapterHub saves an adapter's prediction head beside it
+            heads_cfg[name] = head_cfg
     if fusion is not None:
         fname, names, fcfg, weights = _read_fusion_dir(Path(fusion), adapter_cfgs)
         fusion_cfgs[fname] = (names, fcfg)
         extra_weights.update(weights)
 
-    heads_cfg = raw_config.get("prediction_heads") or {}
     architectures = raw_config.get("architectures") or []
-    if heads_cfg or any(a.endswith("AdapterModel") for a in architectures):
+    seq_cls = any(a.endswith("ForSequenceClassification") for a in architectures)
+    if (heads_cfg and not seq_cls) or any(a.endswith("AdapterModel") for a in architectures):
         model_class = "flex"
-    elif any(a.endswith("ForSequenceClassification") for a in architectures):
+    elif seq_cls:
         model_class = "sequence_classification"
     elif not architectures or any(a.endswith("Model") for a in architectures):
         model_class = "encoder"
@@ -141,6 +148,14 @@ def load_model(path=None, adapters: Optional[Sequence] = None, fusion=None, setu
     return model.eval()
 
 
+def _auto_config(path: Path):
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:  # transformers raises ValueError, KeyError, TypeError... for a bad config.json
+        raise ModelLoadError(f"{path}/config.json is not a transformers config transformers can read: "
+                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
 def _adapterhub_configs(hub: dict):
     adapter_cfgs, fusion_cfgs = {}, {}
     config_map = hub.get("config_map", {})
@@ -151,6 +166,9 @@ def _adapterhub_configs(hub: dict):
     for fname, cfg_id in (hub.get("fusions") or {}).items():
         names = (hub.get("fusion_name_map") or {}).get(fname, fname.split(","))
         raw = fusion_map.get(cfg_id, cfg_id) if isinstance(cfg_id, str) else cfg_id
+        unknown = [n for n in names if n not in adapter_cfgs]
+        if unknown:
+            raise ModelLoadError(f"fusion '{fname}' fuses adapter(s) {', '.join(unknown)} that the model does not have")
         fusion_cfgs[fname] = (list(names), FusionConfig.from_adapterhub(raw, fname))
     return adapter_cfgs, fusion_cfgs
 
@@ -164,7 +182,11 @@ def _read_adapter_dir(directory: Path, hidden_size: int):
         )
     cfg = BottleneckConfig.from_adapterhub(meta.get("config", meta), name)
     weights = read_weights(find_weights(directory, ADAPTER_WEIGHTS, "adapter"))
-    return name, cfg, weights
+    head_cfg = None
+    if (directory / "head_config.json").is_file():
+        head_cfg = read_json(directory / "head_config.json").get("config")
+        weights.update(read_weights(find_weights(directory, HEAD_WEIGHTS, "prediction head")))
+    return name, cfg, weights, head_cfg
 
 
 def _read_fusion_dir(directory: Path, adapter_cfgs: dict):
@@ -222,7 +244,7 @@ def load_compacted(path: Path) -> nn.Module:
     manifest = read_json(path / MANIFEST_FILE)
     if manifest.get("format") != "compressor-manifest":
         raise ModelLoadError(f"{path / MANIFEST_FILE} is not a compressor manifest")
-    config = AutoConfig.from_pretrained(path)
+    config = _auto_config(path)
     check_base_config(config)
     state = read_weights(find_weights(path, ("model.safetensors",), "model"))
     model = empty_model(config, manifest)

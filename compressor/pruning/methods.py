@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 import math
+from fractions import Fraction
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -57,7 +58,8 @@ def prune_group(scores: torch.Tensor, fraction: float, min_keep: int) -> torch.T
     """Keep-mask of one unit group: drop the floor(fraction * n) lowest scores, keep at least min_keep."""
     flat = scores.flatten()
     n = flat.numel()
-    n_prune = min(int(math.floor(fraction * n + 1e-9)), max(n - min_keep, 0))
+    # exact decimal arithmetic: 0.29 * 100 is 29, not floor(28.999999999999996)
+    n_prune = min(math.floor(Fraction(repr(float(fraction))) * n), max(n - min_keep, 0))
     keep = torch.ones(n, dtype=torch.bool)
     if n_prune:
         keep[torch.argsort(flat, stable=True)[:n_prune]] = False
