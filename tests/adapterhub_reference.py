@@ -43,7 +43,6 @@ AdapterHub semantics worth knowing (adapters 1.3.0, checked against its source a
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 import zlib

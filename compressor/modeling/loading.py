@@ -112,6 +112,9 @@ def load_model(path=None, adapters: Optional[Sequence] = None, fusion=None, setu
     if fusion is not None:
         fname, names, fcfg, weights = _read_fusion_dir(Path(fusion), adapter_cfgs)
         fusion_cfgs[fname] = (names, fcfg)
+        fusion_head = _read_head(Path(fusion), weights)
+        if fusion_head is not None:
+            heads_cfg[fusion_head[0] or fname] = fusion_head[1]
         extra_weights.update(weights)
 
     architectures = raw_config.get("architectures") or []
@@ -182,11 +185,20 @@ def _read_adapter_dir(directory: Path, hidden_size: int):
         )
     cfg = BottleneckConfig.from_adapterhub(meta.get("config", meta), name)
     weights = read_weights(find_weights(directory, ADAPTER_WEIGHTS, "adapter"))
-    head_cfg = None
-    if (directory / "head_config.json").is_file():
-        head_cfg = read_json(directory / "head_config.json").get("config")
-        weights.update(read_weights(find_weights(directory, HEAD_WEIGHTS, "prediction head")))
-    return name, cfg, weights, head_cfg
+    head = _read_head(directory, weights)
+    return name, cfg, weights, head[1] if head else None
+
+
+def _read_head(directory: Path, weights: dict):
+    """(name, config) of a prediction head AdapterHub saved beside an adapter or fusion; its weights go into
+    `weights`. A transformers-head model saves a head with config null: that head is the base model's."""
+    if not (directory / "head_config.json").is_file():
+        return None
+    meta = read_json(directory / "head_config.json")
+    if not meta.get("config"):
+        return None
+    weights.update(read_weights(find_weights(directory, HEAD_WEIGHTS, "prediction head")))
+    return meta.get("name"), meta["config"]
 
 
 def _read_fusion_dir(directory: Path, adapter_cfgs: dict):
