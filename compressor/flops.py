@@ -15,8 +15,9 @@ def _params(module: nn.Module) -> int:
 
 
 def fusion_flops(fusion: Fusion, n: int, hidden: int) -> int:
-    """Per token. AdapterHub's form projects every adapter's output by the key and (value_before_softmax) the
-    value matrix; the folded form projects the query once and applies the value once."""
+    """Per token, as our modules compute it. The standard form projects every adapter's output by the key; the
+    folded form projects the query once. Both apply the bias-free value projection once, to the mixed context
+    (equal to AdapterHub's value_before_softmax, which applies it to each of the n adapters: V is linear)."""
     if n == 0:
         return 2 * hidden * hidden if hasattr(fusion, "value") else 0
     mix = 4 * n * hidden  # scores and weighted sum
@@ -24,7 +25,7 @@ def fusion_flops(fusion: Fusion, n: int, hidden: int) -> int:
         proj = (2 * hidden * hidden if hasattr(fusion, "score_proj") else 0)
         return proj + mix + (2 * hidden * hidden if hasattr(fusion, "value") else 0)
     proj = 2 * hidden * hidden * (int(hasattr(fusion, "query")) + n * int(hasattr(fusion, "key")))
-    return proj + mix + (2 * n * hidden * hidden if hasattr(fusion, "value") else 0)
+    return proj + mix + (2 * hidden * hidden if hasattr(fusion, "value") else 0)
 
 
 def site_cost(site: AdapterSite, hidden: int) -> dict:
