@@ -25,3 +25,15 @@ class PruningConfigError(CompressorError):
 
 class OutputExistsError(CompressorError):
     """The output directory exists and --overwrite was not given."""
+
+
+class ExportError(CompressorError):
+    """The model could not be exported to ONNX, or an input is not an ONNX model."""
+
+
+class ParityError(CompressorError):
+    """An exported or compacted model's outputs differ from the masked PyTorch reference beyond atol."""
+
+
+class ProviderUnavailableError(CompressorError):
+    """The requested onnxruntime execution provider is not installed or cannot start on this machine."""

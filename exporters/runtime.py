@@ -1,0 +1,76 @@
+"""onnxruntime sessions: provider names, availability, pinned thread counts.
+
+One place decides how a session is made, so parity checks and latency measurements run the graph the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import onnx
+
+from compressor.errors import ExportError, ProviderUnavailableError
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def provider_name(provider: str) -> str:
+    try:
+        return PROVIDERS[provider]
+    except KeyError:
+        raise ProviderUnavailableError(
+            f"unknown provider '{provider}'; choose one of {', '.join(PROVIDERS)} (or 'torch' for PyTorch)") from None
+
+
+def check_provider(provider: str) -> str:
+    """The onnxruntime provider name for `provider`, or ProviderUnavailableError saying what to install."""
+    import onnxruntime as ort
+
+    name = provider_name(provider)
+    if name not in ort.get_available_providers():
+        hint = "install the 'gpu' extra (onnxruntime-gpu) on a machine with a CUDA GPU" if provider != "cpu" else ""
+        raise ProviderUnavailableError(
+            f"onnxruntime provider {name} is not available here (available: "
+            f"{', '.join(ort.get_available_providers())}){'; ' + hint if hint else ''}")
+    return name
+
+
+def check_onnx_file(path) -> Path:
+    """A readable ONNX model file, or ExportError in one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path} does not exist; give an .onnx file or an export directory")
+    try:
+        onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError and others
+        raise ExportError(f"{path} is not an ONNX model ({type(e).__name__}); give a file written by "
+                          "'compress export --onnx'") from None
+    return path
+
+
+def make_session(path, provider: str = "cpu", threads: Optional[int] = None, optimization: str = "all"):
+    """An InferenceSession on one provider (CPU kept as fallback for ops the provider lacks), with intra-op
+    threads pinned when `threads` is given and inter-op threads at 1 (sequential execution)."""
+    import onnxruntime as ort
+
+    name = check_provider(provider)
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[optimization]
+    providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as e:
+        raise ExportError(f"onnxruntime could not load {path}: {str(e).splitlines()[0]}") from None
