@@ -59,10 +59,11 @@ def user_errors():
 
 @contextlib.contextmanager
 def step(description: str):
+    """A spinner while a step runs; yields a function that renames the step (for multi-stage work)."""
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
                   transient=True, disable=not sys.stderr.isatty()) as progress:
-        progress.add_task(description, total=None)
-        yield
+        task = progress.add_task(description, total=None)
+        yield lambda text: progress.update(task, description=f"{description}: {text}")
 
 
 def _load(model, adapters, fusion, setup, head):
@@ -198,6 +199,145 @@ def compact(
             table.add_row(label, _fmt(before[key]), _fmt(after[key]), ratio)
         console.print(table)
         console.print(f"wrote {out}" + (f" and {out}/adapterhub" if adapterhub else ""))
+
+
+@app.command()
+def export(
+    model: Optional[Path] = MODEL_ARG,
+    masks: Optional[Path] = typer.Option(None, "--masks", help="Mask directory from `compress prune`: the model "
+                                         "is compacted first. Without it, only folds (fusion rewrite, scalings)."),
+    out: Path = typer.Option(..., "--out", help="Export directory to write."),
+    onnx: bool = typer.Option(False, "--onnx", help="Export to ONNX (the only format for now; required)."),
+    optimize: bool = typer.Option(True, "--optimize/--no-optimize", help="Fuse the graph with onnxruntime's "
+                                  "transformer optimizer (Attention per layer, SkipLayerNorm, Gelu)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="Also write model.int8.onnx by onnxruntime "
+                                           "dynamic quantization ('int8'); its deviation is reported, not held "
+                                           "to --atol."),
+    sparse: bool = typer.Option(False, "--sparse", help="Also write model.sparse.onnx, with weights pruned by "
+                                "`--sparsity weights=...` stored as sparse initializers (smaller on disk only)."),
+    atol: float = typer.Option(1e-4, help="Parity tolerance (max abs diff per output) against the masked model."),
+    allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Keep the export even when parity fails "
+                                        "(see parity.json). Default: fail and write nothing."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the parity inputs. Default: fresh random inputs each "
+                                       "run (the seed used is in parity.json)."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    adapter: Optional[List[Path]] = ADAPTER_OPT,
+    fusion: Optional[Path] = FUSION_OPT,
+    setup: Optional[str] = SETUP_OPT,
+    head: Optional[str] = HEAD_OPT,
+):
+    """Compact, export to ONNX, optimise and verify parity with onnxruntime.
+
+    Writes OUT/model.onnx (the graph to deploy), the compacted PyTorch model and tokenizer beside it (OUT loads
+    with optimum's ORTModelForSequenceClassification / ORTModelForFeatureExtraction), parity.json and export.md.
+
+    Example: compress prune --sparsity heads=0.5 --sparsity adapters=0.75 --out masks && compress export --masks
+    masks --onnx --quantize int8 --out exported
+    """
+    with user_errors():
+        from exporters.export_summary import attention_rows
+        from exporters.onnx_export import ExportConfig, export_onnx
+
+        from .api import model_source_dir
+        from .errors import ExportError
+        from .io import check_output_dir
+        from .masks import MaskSet
+
+        if not onnx:
+            raise ExportError("choose a format: --onnx (the only one supported)")
+        config = ExportConfig(optimize=optimize, sparse=sparse, quantize=quantize, atol=atol,
+                              allow_mismatch=allow_mismatch, seed=seed)
+        check_output_dir(out, overwrite)
+        maskset = MaskSet.load(masks) if masks is not None else None
+        m = _load(model, adapter, fusion, setup, head)
+        with step("exporting") as update:
+            result = export_onnx(m, out, maskset, config, overwrite=overwrite,
+                                 tokenizer_dir=model_source_dir(model), progress=update)
+        table = Table(title=f"ONNX export ({'optimised' if optimize else 'not optimised'})")
+        for col in ("file", "size", "worst max abs diff vs masked model", "parity"):
+            table.add_column(col, justify="right")
+        worst = result.parity["worst"]
+        for role, name in result.files.items():
+            verdict = "recorded" if role == "int8" else ("ok" if worst[name] <= atol else "MISMATCH")
+            table.add_row(name, f"{result.sizes[name] / 2**20:.2f} MB", f"{worst[name]:.2e}", verdict)
+        table.add_row("compacted (PyTorch)", "", f"{worst['compacted (PyTorch)']:.2e}",
+                      "ok" if worst["compacted (PyTorch)"] <= atol else "MISMATCH")
+        console.print(table)
+        if optimize:
+            rows = attention_rows(result)
+            console.print("fused Attention per layer (heads): " + ", ".join(
+                f"{i}:{n}x({h})" + ("" if ok else " NOT FUSED") for i, h, n, _, ok in rows))
+        console.print(f"wrote {out} (model.onnx, parity.json, export.md, compacted model, tokenizer)")
+
+
+@app.command()
+def bench(
+    targets: List[Path] = typer.Argument(..., help="Export directories (runs model.onnx), .onnx files, or model "
+                                         "directories (PyTorch only), e.g. a baseline first and its pruned export."),
+    provider: List[str] = typer.Option(["cpu"], "--provider", help="cpu | cuda | tensorrt | torch; repeatable or "
+                                       "comma-separated. A provider not available here is reported as skipped."),
+    batch_sizes: str = typer.Option("1,8", "--batch-sizes", help="Comma-separated batch sizes."),
+    seq_lens: str = typer.Option("32,128", "--seq-lens", help="Comma-separated sequence lengths (no padding)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Intra-op threads for onnxruntime and PyTorch. "
+                                          "Default: os.cpu_count() (logical cores); on a shared machine use fewer."),
+    min_time: float = typer.Option(1.0, "--min-time", help="Minimum timed seconds per cell (at least 10 runs)."),
+    warmup: int = typer.Option(3, "--warmup", help="Untimed runs before timing each cell."),
+    seed: int = typer.Option(0, help="Seed of the random token ids."),
+    out: Path = typer.Option(..., "--out", help="Report directory: report.json, report.md, latency.png."),
+    overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+):
+    """Measure latency (p50/p90/p99/mean/std ms) and throughput of exported and PyTorch models.
+
+    Each target runs on each --provider at each batch size x sequence length, after warm-up, with pinned threads,
+    until --min-time and 10 runs are reached. Speedups are against the first target.
+
+    The report also records size, parameters, FLOPs per token, the machine, library versions, and which ONNX
+    nodes fell back to the CPU.
+
+    Examples:
+
+      compress bench exported --out bench-cpu
+
+      compress bench base-export pruned-export --provider cpu,torch --seq-lens 128 --out bench
+
+      compress bench pruned-export pruned-export/model.int8.onnx --batch-sizes 1,32 --threads 4 --out bench-int8
+    """
+    with user_errors():
+        import os
+
+        from rich.progress import BarColumn, MofNCompleteColumn
+
+        from exporters.bench import BenchConfig, run_bench
+        from exporters.bench_report import not_run
+
+        config = BenchConfig(providers=provider, batch_sizes=batch_sizes, seq_lens=seq_lens,
+                             threads=threads or os.cpu_count() or 1, warmup=warmup, min_time_s=min_time, seed=seed)
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=err_console, transient=True,
+                      disable=not sys.stderr.isatty()) as bar:
+            task = bar.add_task("loading targets", total=None)
+            report = run_bench(targets, config, out, overwrite=overwrite,
+                               progress=lambda label, done, total: bar.update(task, description=label,
+                                                                              completed=done, total=total))
+        table = Table(title=f"latency per batch, ms ({config.threads} threads; speedup vs "
+                            f"{report['targets'][0]['name']})")
+        for col in ("target", "provider", "batch", "seq", "p50", "p99", "seq/s", "speedup"):
+            table.add_column(col, justify="left" if col in ("target", "provider") else "right")
+        for c in report["results"]:
+            if c["status"] == "ok":
+                table.add_row(escape(c["target"]), c["provider"], str(c["batch_size"]), str(c["seq_len"]),
+                              f"{c['p50_ms']:.3f}", f"{c['p99_ms']:.3f}", f"{c['seq_per_s']:.1f}",
+                              f"{c['speedup_p50']:.2f}x" if c["speedup_p50"] else "-")
+        console.print(table)
+        failed = 0
+        for target, prov, status, reason, shapes in not_run(report):
+            failed += status == "failed"
+            console.print(f"{status}: {escape(target)} on {prov} ({shapes}): {escape(reason)}", highlight=False,
+                          style="red" if status == "failed" else "yellow")
+        console.print(f"wrote {out}/report.json, {out}/report.md and {out}/latency.png")
+        if failed:  # the report is complete and says what failed; the exit status says so too
+            err_console.print(f"[bold red]error:[/] {failed} target/provider pair(s) failed; see {escape(str(out))}/report.md")
+            raise typer.Exit(1)
 
 
 if __name__ == "__main__":

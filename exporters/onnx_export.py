@@ -14,6 +14,7 @@ in the dynamo exporter's output.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -93,14 +94,20 @@ def export_graph(model: nn.Module, path: Path, opset: int = OPSET) -> tuple:
     axes = {n: {0: "batch", 1: "sequence"} for n in inputs}
     axes[output] = {0: "batch", 1: "sequence"} if output == "last_hidden_state" else {0: "batch"}
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > graph_opt.TWO_GB
+    with warnings.catch_warnings():
+        _export(model, inputs, output, example, path, opset, axes, big)
+    return inputs, output
+
+
+def _export(model, inputs, output, example, path, opset, axes, big) -> None:
     try:
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Python branches on fixed shapes: constant here
         # the wrapper must be in eval mode: the exporter restores the top module's mode onto every submodule
         torch.onnx.export(_Graph(model, inputs, output).eval(), example, str(path), dynamo=False,
                           opset_version=opset, input_names=inputs, output_names=[output], dynamic_axes=axes,
                           do_constant_folding=True, external_data=big)
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed: {str(e).splitlines()[0]}") from e
-    return inputs, output
 
 
 def export_onnx(model: nn.Module, out, masks: Optional[MaskSet] = None, config: Optional[ExportConfig] = None,
