@@ -329,14 +329,14 @@ def bench(
                               f"{c['p50_ms']:.3f}", f"{c['p99_ms']:.3f}", f"{c['seq_per_s']:.1f}",
                               f"{c['speedup_p50']:.2f}x" if c["speedup_p50"] else "-")
         console.print(table)
-        failed = 0
         for target, prov, status, reason, shapes in not_run(report):
-            failed += status == "failed"
             console.print(f"{status}: {escape(target)} on {prov} ({shapes}): {escape(reason)}", highlight=False,
                           style="red" if status == "failed" else "yellow")
         console.print(f"wrote {out}/report.json, {out}/report.md and {out}/latency.png")
+        failed = sum(c["status"] == "failed" for c in report["results"])
         if failed:  # the report is complete and says what failed; the exit status says so too
-            err_console.print(f"[bold red]error:[/] {failed} target/provider pair(s) failed; see {escape(str(out))}/report.md")
+            err_console.print(f"[bold red]error:[/] {failed} of {len(report['results'])} cells failed; see "
+                              f"{escape(str(out))}/report.md", highlight=False)
             raise typer.Exit(1)
 
 

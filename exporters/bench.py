@@ -300,6 +300,12 @@ def node_placement(path: Path, provider: str, threads: int, feeds: dict) -> dict
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
+    return placement_from_profile(events, name)
+
+
+def placement_from_profile(events: list, requested: str) -> dict:
+    """Count nodes per provider in an onnxruntime profile (events with cat 'Node' carry args.provider and
+    args.op_name); op types on CPUExecutionProvider are fallbacks when `requested` is another provider."""
     nodes = {}  # node name -> (provider, op type); each node logs fence and kernel events, count it once
     for e in events:
         args = e.get("args") or {}
@@ -308,9 +314,9 @@ def node_placement(path: Path, provider: str, threads: int, feeds: dict) -> dict
     per_provider, fallback = {}, {}
     for ep, op in nodes.values():
         per_provider[ep] = per_provider.get(ep, 0) + 1
-        if ep == "CPUExecutionProvider" and name != "CPUExecutionProvider":
+        if ep == "CPUExecutionProvider" and requested != "CPUExecutionProvider":
             fallback[op] = fallback.get(op, 0) + 1
-    return dict(provider=name, nodes=per_provider, cpu_fallback_ops=dict(sorted(fallback.items())))
+    return dict(provider=requested, nodes=dict(sorted(per_provider.items())), cpu_fallback_ops=dict(sorted(fallback.items())))
 
 
 # ------------------------------------------------------------------------------------------------------ the run
@@ -436,6 +442,7 @@ def run_bench(targets: Sequence, config: BenchConfig, out, overwrite: bool = Fal
     resolved = [resolve_target(p) for p in targets]
     _unique_names(resolved)
     describe_targets(resolved, config)  # loads models: errors surface before any timing
+    machine = machine_info(config.threads)  # before timing: its load average says whether the machine was quiet
 
     total = len(resolved) * len(config.providers) * len(config.shapes)
     done = [0]
@@ -454,7 +461,7 @@ def run_bench(targets: Sequence, config: BenchConfig, out, overwrite: bool = Fal
     add_speedups(results, resolved[0].name)
     report = dict(format=REPORT_FORMAT, version=REPORT_VERSION,
                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  config=asdict(config), machine=machine_info(config.threads),
+                  config=asdict(config), machine=machine,
                   providers={p: PROVIDERS.get(p, "PyTorch (CPU)") for p in config.providers},
                   targets=[t.info for t in resolved], results=results)
     with atomic_output_dir(out, overwrite) as tmp:

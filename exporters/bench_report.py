@@ -24,6 +24,11 @@ def _num(n) -> str:
     return f"{n:.0f}"
 
 
+def _md(text) -> str:
+    """A table cell: a '|' in a path or an error message would end the cell."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
 def not_run(report: dict) -> list:
     """Skipped and failed cells grouped by (target, provider, status, reason): [(..., shapes)]."""
     groups = {}
@@ -50,7 +55,7 @@ def markdown(report: dict) -> str:
     for t in report["targets"]:
         flops = t["flops_per_token"] or {}
         size = f"{t['size_bytes'] / 1e6:.2f}" if t["size_bytes"] is not None else "-"
-        lines.append(f"| {t['name']} | {t['kind']} | {size} | {_num(t['parameters'])} | "
+        lines.append(f"| {_md(t['name'])} | {t['kind']} | {size} | {_num(t['parameters'])} | "
                      + " | ".join(_num(flops.get(str(s))) for s in seq_lens) + " |")
     lines.append("")
 
@@ -64,7 +69,7 @@ def markdown(report: dict) -> str:
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for c in rows:
             speedup = f"{c['speedup_p50']:.2f}x" if c["speedup_p50"] else "-"
-            lines.append(f"| {c['target']} | {c['batch_size']} | {c['seq_len']} | "
+            lines.append(f"| {_md(c['target'])} | {c['batch_size']} | {c['seq_len']} | "
                          + " | ".join(f"{c[k]:.3f}" for k in STATS) + f" | {c['seq_per_s']:.1f} | {speedup} |")
         lines.append("")
 
@@ -75,19 +80,23 @@ def markdown(report: dict) -> str:
                   "| target | provider | nodes per provider | CPU fallback ops |", "|---|---|---|---|"]
         for name, provider, v in placements:
             if "error" in v:
-                lines.append(f"| {name} | {provider} | profiling failed: {v['error']} | |")
+                lines.append(f"| {_md(name)} | {provider} | profiling failed: {_md(v['error'])} | |")
                 continue
             nodes = ", ".join(f"{k}: {n}" for k, n in v["nodes"].items())
             fallback = ", ".join(f"{k} x{n}" for k, n in v["cpu_fallback_ops"].items()) or "none"
-            lines.append(f"| {name} | {provider} | {nodes} | {fallback} |")
+            lines.append(f"| {_md(name)} | {provider} | {nodes} | {fallback} |")
         lines.append("")
 
     skipped = not_run(report)
     if skipped:
         lines += ["## Skipped and failed", "", "| target | provider | status | shapes | reason |", "|---|---|---|---|---|"]
-        lines += [f"| {t} | {p} | {status} | {shapes} | {reason} |" for t, p, status, reason, shapes in skipped]
+        lines += [f"| {_md(t)} | {p} | {status} | {shapes} | {_md(reason)} |" for t, p, status, reason, shapes in skipped]
         lines.append("")
 
+    load = (m.get("load_average") or [0])[0]
+    if load >= max(1.0, (m.get("cpu_count") or 1) / 2):
+        lines += [f"**The machine was busy when the run started** (load average {load:.2f} on {m['cpu_count']} "
+                  "logical cores): latencies may be inflated, compare with a run on a quiet machine.", ""]
     lines += ["## Machine", ""]
     lines += [f"- {k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in m.items()]
     return "\n".join(lines) + "\n"
