@@ -194,28 +194,32 @@ class Fusion(nn.Module, Maskable):
         if value:
             self.value = nn.Linear(hidden_size, hidden_size, bias=False)
 
-    def _scores(self, query: torch.Tensor, ups: torch.Tensor) -> torch.Tensor:
+    def _query_side(self, query: torch.Tensor) -> torch.Tensor:
         if self.folded:
-            r = self.score_proj(query) if hasattr(self, "score_proj") else query
-            return torch.einsum("bsh,bsnh->bsn", r, ups)
-        q = self.query(query) if hasattr(self, "query") else query
-        k = self.key(ups) if hasattr(self, "key") else ups
-        return torch.einsum("bsh,bsnh->bsn", q, k)
+            return self.score_proj(query) if hasattr(self, "score_proj") else query
+        return self.query(query) if hasattr(self, "query") else query
 
-    def forward(self, query: torch.Tensor, ups: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """query [b, s, h]; ups [b, s, n, h] (scaled up-projections of the fused adapters); residual [b, s, h]."""
-        n = ups.shape[2]
+    def forward(self, query: torch.Tensor, ups: list, residual: torch.Tensor) -> torch.Tensor:
+        """query [b, s, h]; ups: the n fused adapters' scaled up-projections, each [b, s, h]; residual [b, s, h].
+
+        Scores and the weighted sum are per-adapter multiply-and-reduce ops rather than einsums over a stacked
+        [b, s, n, h] tensor: no copy into a stack, and onnxruntime runs Mul/ReduceSum far faster than Einsum."""
+        n = len(ups)
         mask = self.get_mask("adapters")
         if n == 0 or (mask is not None and not bool(mask.any())):
             context = torch.zeros_like(residual)
         elif n == 1 and mask is None:
-            context = ups[:, :, 0]  # a softmax over one is 1
+            context = ups[0]  # a softmax over one is 1
         else:
-            scores = self._scores(query, ups)
+            r = self._query_side(query)
+            keys = [self.key(u) for u in ups] if not self.folded and hasattr(self, "key") else ups
+            scores = torch.stack([(r * k).sum(-1) for k in keys], dim=-1)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             probs = torch.softmax(scores, dim=-1)
-            context = torch.einsum("bsn,bsnh->bsh", probs, ups)
+            context = probs[..., 0:1] * ups[0]
+            for i in range(1, n):
+                context = context + probs[..., i:i + 1] * ups[i]
         if self.residual_before:
             context = context + residual
         if hasattr(self, "value"):
@@ -269,9 +273,7 @@ class AdapterSite(nn.Module):
             query = h
         if fuse:
             names = self.active[2]
-            ups = [self.adapters[n].up(h) for n in names]
-            ups = torch.stack(ups, dim=2) if ups else h.new_zeros(*h.shape[:2], 0, h.shape[-1])
-            out = fusion(query, ups, residual)
+            out = fusion(query, [self.adapters[n].up(h) for n in names], residual)
         else:
             out, _ = self.adapters[self.active[1]](h, residual)
         # AdapterHub's Adapter.post_forward
