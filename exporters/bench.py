@@ -287,17 +287,10 @@ def measure(run: Callable[[], None], warmup: int, min_time_s: float, min_repeats
 def node_placement(path: Path, provider: str, threads: int, feeds: dict) -> dict:
     """Nodes per execution provider in one profiled run, and the op types that fell back to the CPU.
 
-    A separate session: profiling slows every run, so it never shares the timed one. Options mirror make_session."""
-    import onnxruntime as ort
-
+    A separate session: profiling slows every run, so it never shares the timed one."""
     name = check_provider(provider)
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.enable_profiling, options.profile_file_prefix = True, str(Path(tmp) / "ort_profile")
-        providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        session = make_session(path, provider, threads, profile_prefix=str(Path(tmp) / "ort_profile"))
         session.run(None, feeds)
         events = json.loads(Path(session.end_profiling()).read_text())
     return placement_from_profile(events, name)

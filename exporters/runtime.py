@@ -53,9 +53,11 @@ def check_onnx_file(path) -> Path:
     return path
 
 
-def make_session(path, provider: str = "cpu", threads: Optional[int] = None, optimization: str = "all"):
+def make_session(path, provider: str = "cpu", threads: Optional[int] = None, optimization: str = "all",
+                 profile_prefix: Optional[str] = None):
     """An InferenceSession on one provider (CPU kept as fallback for ops the provider lacks), with intra-op
-    threads pinned when `threads` is given and inter-op threads at 1 (sequential execution)."""
+    threads pinned when `threads` is given and inter-op threads at 1 (sequential execution). With
+    `profile_prefix`, onnxruntime profiles every run into a JSON file of that prefix (see end_profiling)."""
     import onnxruntime as ort
 
     name = check_provider(provider)
@@ -69,6 +71,8 @@ def make_session(path, provider: str = "cpu", threads: Optional[int] = None, opt
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
         "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
     }[optimization]
+    if profile_prefix:
+        options.enable_profiling, options.profile_file_prefix = True, profile_prefix
     providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
