@@ -142,7 +142,10 @@ def _compact_site(site: AdapterSite, spec: dict) -> dict:
 
 
 def _fold_fusion(fusion: Fusion, n: int):
-    """The folded form of a fusion that keeps n adapters (see Fusion)."""
+    """The folded form of a fusion that keeps n adapters (see Fusion). An already folded fusion (a compacted
+    model compacted again) keeps its score projection as it is."""
+    if fusion.folded:
+        return _copy_folded(fusion, n)
     has_q, has_k = (False, False) if n <= 1 else (hasattr(fusion, "query"), hasattr(fusion, "key"))
     keep_value = hasattr(fusion, "value") and (n > 0 or fusion.residual_before)  # V 0 = 0
     new = Fusion(fusion.hidden_size, query=has_q, key=has_k, value=keep_value, residual_before=fusion.residual_before,
@@ -157,6 +160,23 @@ def _fold_fusion(fusion: Fusion, n: int):
             new.score_proj.bias.copy_(fusion.query.bias)
         elif has_k:  # (Wk u + bk) . x = u . (Wk^T x) + const
             new.score_proj.weight.copy_(fusion.key.weight.T)
+        if keep_value:
+            new.value.weight.copy_(fusion.value.weight)
+    entry = dict(query=has_q, key=has_k, value=keep_value, residual_before=fusion.residual_before,
+                 query_before_ln=fusion.query_before_ln, folded=True)
+    return new, entry
+
+
+def _copy_folded(fusion: Fusion, n: int):
+    proj = getattr(fusion, "score_proj", None) if n > 1 else None
+    has_q = proj is not None and proj.bias is not None  # the query bias is what gives score_proj a bias
+    has_k = proj is not None and not has_q
+    keep_value = hasattr(fusion, "value") and (n > 0 or fusion.residual_before)
+    new = Fusion(fusion.hidden_size, query=has_q, key=has_k, value=keep_value, residual_before=fusion.residual_before,
+                 query_before_ln=fusion.query_before_ln, folded=True)
+    with torch.no_grad():
+        if proj is not None:
+            new.score_proj.load_state_dict(proj.state_dict())
         if keep_value:
             new.value.weight.copy_(fusion.value.weight)
     entry = dict(query=has_q, key=has_k, value=keep_value, residual_before=fusion.residual_before,

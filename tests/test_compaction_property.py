@@ -142,3 +142,22 @@ def test_compacted_directory_reloads(models, tmp_path):
     inputs = random_inputs(model_type, 3, 7, "left")
     assert (_output(reloaded, inputs) - _output(compacted, inputs)).abs().max() == 0
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in (tmp_path / "c").iterdir())
+
+
+@pytest.mark.parametrize("name", ["bert-pfeiffer-dynamic-flex"])
+def test_compacting_a_compacted_model_again_is_exact(models, name, tmp_path):
+    """A compacted model (folded fusion) reloaded, pruned again and compacted again equals its masked form."""
+    model_type, model = models[name]
+    gen = torch.Generator().manual_seed(0)
+    first = MaskSet.full(model, kinds=("heads", "bottleneck"))
+    for mask in first.masks.values():
+        mask[torch.randperm(mask.numel(), generator=gen)[: mask.numel() // 2]] = False
+    reloaded = compressor.load_model(save_compacted(compact(model, first), tmp_path / "c1"))
+    second = MaskSet.full(reloaded, kinds=("heads", "adapters"))
+    for key, mask in second.masks.items():
+        mask[0] = False if mask.numel() > 2 else True
+    inputs = random_inputs(model_type, 2, 6)
+    folded_only = compact(reloaded)
+    assert (_output(folded_only, inputs) - _output(reloaded, inputs)).abs().max() <= 1e-5
+    assert (_output(compact(reloaded, second), inputs) - _output(masked_copy(reloaded, second), inputs)
+            ).abs().max() <= 1e-5
