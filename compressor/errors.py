@@ -37,3 +37,11 @@ class ParityError(CompressorError):
 
 class ProviderUnavailableError(CompressorError):
     """The requested onnxruntime execution provider is not installed or cannot start on this machine."""
+
+
+class DataError(CompressorError):
+    """A dataset that cannot be read or does not fit the task: missing columns, unknown task, mismatched labels."""
+
+
+class TrainingError(CompressorError):
+    """Bad training arguments or a checkpoint that cannot be resumed."""

@@ -35,6 +35,8 @@ class MaskSet:
     params: dict = field(default_factory=dict)
     data: Optional[dict] = None
     extra: dict = field(default_factory=dict)
+    # the model the masks belong to when the method also trained weights (written to DIR/model/ beside them)
+    model: Optional[nn.Module] = field(default=None, repr=False, compare=False)
 
     # ------------------------------------------------------------------ construction
     @classmethod

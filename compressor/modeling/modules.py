@@ -39,6 +39,19 @@ class Maskable:
     def get_mask(self, kind: str) -> Optional[torch.Tensor]:
         return self._buffers.get(f"mask_{kind}")
 
+    def set_gate(self, kind: str, gate: Optional[torch.Tensor]) -> None:
+        """A float gate per unit member, multiplied where the mask applies. Not state: criteria put ones that
+        require grad here to read dL/dgate (head importance, SNIP, Taylor); mask learning puts soft masks."""
+        self.__dict__[f"gate_{kind}"] = gate
+
+    def unit_factor(self, kind: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """Mask times gate (None when neither is set): the factor each member's output is multiplied by."""
+        mask, gate = self.get_mask(kind), self.__dict__.get(f"gate_{kind}")
+        if mask is None:
+            return None if gate is None else gate.to(dtype)
+        mask = mask.to(dtype)
+        return mask if gate is None else mask * gate.to(dtype)
+
 
 def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
     """nn.Linear that also works with zero input features (everything pruned: only the bias is left)."""
@@ -82,9 +95,9 @@ class SelfAttention(nn.Module, Maskable):
         if head_mask is not None:
             probs = probs * head_mask
         context = torch.matmul(probs, v)
-        mask = self.get_mask("heads")
-        if mask is not None:
-            context = context * mask.to(context.dtype).view(1, -1, 1, 1)
+        factor = self.unit_factor("heads", context.dtype)
+        if factor is not None:
+            context = context * factor.view(1, -1, 1, 1)
         context = context.transpose(1, 2).reshape(b, s, self.all_head_size)
         return context, (probs if output_attentions else None)
 
@@ -99,8 +112,8 @@ class Intermediate(nn.Module, Maskable):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         out = self.intermediate_act_fn(self.dense(hidden_states))
-        mask = self.get_mask("neurons")
-        return out if mask is None else out * mask.to(out.dtype)
+        factor = self.unit_factor("neurons", out.dtype)
+        return out if factor is None else out * factor
 
 
 class Bottleneck(nn.Module, Maskable):
@@ -144,8 +157,8 @@ class Bottleneck(nn.Module, Maskable):
         if hasattr(self, "adapter_norm_before"):
             x = self.adapter_norm_before(x)
         down = self.adapter_down[-1](self.down_proj(x))
-        mask = self.get_mask("bottleneck")
-        return down if mask is None else down * mask.to(down.dtype)
+        factor = self.unit_factor("bottleneck", down.dtype)
+        return down if factor is None else down * factor
 
     def up(self, x: torch.Tensor) -> torch.Tensor:
         up = linear(self.bottleneck(x), self.adapter_up)
@@ -205,21 +218,34 @@ class Fusion(nn.Module, Maskable):
         Scores and the weighted sum are per-adapter multiply-and-reduce ops rather than einsums over a stacked
         [b, s, n, h] tensor: no copy into a stack, and onnxruntime runs Mul/ReduceSum far faster than Einsum."""
         n = len(ups)
+        gate = self.__dict__.get("gate_adapters")
+        if gate is not None:  # criteria read dL/dgate here: a gate scales each fused adapter's output
+            ups = [u * gate[i] for i, u in enumerate(ups)]
         mask = self.get_mask("adapters")
         if n == 0 or (mask is not None and not bool(mask.any())):
             context = torch.zeros_like(residual)
         elif n == 1 and mask is None:
             context = ups[0]  # a softmax over one is 1
         else:
-            r = self._query_side(query)
-            keys = [self.key(u) for u in ups] if not self.folded and hasattr(self, "key") else ups
-            scores = torch.stack([(r * k).sum(-1) for k in keys], dim=-1)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            probs = torch.softmax(scores, dim=-1)
+            probs = self.attention(query, ups)
             context = probs[..., 0:1] * ups[0]
             for i in range(1, n):
                 context = context + probs[..., i:i + 1] * ups[i]
+        return self.finish(context, residual)
+
+    def attention(self, query: torch.Tensor, ups: list) -> torch.Tensor:
+        """The fusion's softmax weights [b, s, n] over the fused adapters (masked ones get 0)."""
+        r = self._query_side(query)
+        keys = [self.key(u) for u in ups] if not self.folded and hasattr(self, "key") else ups
+        scores = torch.stack([(r * k).sum(-1) for k in keys], dim=-1)
+        mask = self.get_mask("adapters")
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
+    def finish(self, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Residual and value projection around the mixed context (linear in the context when the residual is
+        added after the value projection)."""
         if self.residual_before:
             context = context + residual
         if hasattr(self, "value"):

@@ -11,6 +11,7 @@ from abc import ABC, abstractmethod
 import math
 from fractions import Fraction
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
@@ -41,13 +42,33 @@ class PruneConfig:
             raise PruningConfigError("min_keep must be >= 0")
 
 
+@dataclass
+class NoOptions:
+    pass
+
+
 class PruningMethod(ABC):
     name = "?"
     criterion = "?"
     needs_data = False
+    kinds = KINDS  # unit kinds the method can prune
+    scope = "group"  # "group": the fraction applies to each unit group; "global": one ranking over all groups
+    Options = NoOptions  # the method's own settings (a dataclass; __post_init__ checks them)
 
-    def __init__(self, config: PruneConfig):
+    def __init__(self, config: PruneConfig, options: Optional[dict] = None):
         self.config = config
+        unknown = sorted(set(options or {}) - set(self.Options.__dataclass_fields__))
+        if unknown:
+            valid = ", ".join(sorted(self.Options.__dataclass_fields__)) or "none"
+            raise PruningConfigError(f"method '{self.name}' has no option {unknown[0]!r} (its options: {valid})")
+        self.options = self.Options(**(options or {}))
+        bad = sorted(set(config.sparsity) - set(self.kinds))
+        if bad:
+            raise PruningConfigError(f"method '{self.name}' prunes {', '.join(self.kinds)}, not {bad[0]}: "
+                                     f"use --sparsity {self.kinds[0]}=FRACTION")
+
+    def params(self) -> dict:
+        return dict(asdict(self.config), options=asdict(self.options))
 
     @abstractmethod
     def run(self, model: nn.Module, data=None) -> MaskSet:
@@ -77,7 +98,7 @@ class OneShotMethod(PruningMethod):
         for unit in units:
             min_keep = 0 if unit.kind == "weights" else cfg.min_keep
             masks[unit.key] = prune_group(scores[unit.key], cfg.sparsity[unit.kind], min_keep)
-        return MaskSet(masks, fingerprint(model), self.name, asdict(cfg))
+        return MaskSet(masks, fingerprint(model), self.name)
 
 
 @register_method("random")
@@ -90,8 +111,41 @@ class MagnitudePruning(OneShotMethod):
     criterion = "magnitude"
 
 
-def prune(model: nn.Module, method: str, sparsity: dict, seed: int = 0, min_keep: int = 1, data=None) -> MaskSet:
+def global_prune(scores: dict, units: dict, fraction: float, min_keep: int) -> dict:
+    """One ranking over all groups: prune the floor(fraction * total) lowest-scoring members overall, skipping
+    members whose group would drop below `min_keep`. Ties break by key and position (reproducible)."""
+    keys = sorted(scores)
+    flat = torch.cat([scores[k].flatten().float() for k in keys])
+    owner = torch.cat([torch.full((scores[k].numel(),), i) for i, k in enumerate(keys)])
+    n_prune = math.floor(Fraction(repr(float(fraction))) * flat.numel())
+    keep = torch.ones(flat.numel(), dtype=torch.bool)
+    left = {i: scores[k].numel() for i, k in enumerate(keys)}
+    pruned = 0
+    for idx in torch.argsort(flat, stable=True).tolist():
+        if pruned == n_prune:
+            break
+        group = int(owner[idx])
+        if left[group] <= min_keep:
+            continue
+        keep[idx], left[group], pruned = False, left[group] - 1, pruned + 1
+    out, start = {}, 0
+    for k in keys:
+        n = scores[k].numel()
+        out[k] = keep[start:start + n].view(units[k].shape)
+        start += n
+    return out
+
+
+def prune(model: nn.Module, method: str, sparsity: dict, seed: int = 0, min_keep: int = 1, data=None,
+          options: Optional[dict] = None) -> MaskSet:
+    """Run pruning method `method` on `model` (left unchanged). `data`: a training.TaskContext for the methods
+    that need data. A method that trains weights returns them as `maskset.model`."""
     cls = METHODS.get_or_fail(method)
     if cls.needs_data and data is None:
-        raise PruningConfigError(f"method '{method}' needs data: pass --data")
-    return cls(PruneConfig(sparsity=dict(sparsity), seed=seed, min_keep=min_keep)).run(model, data)
+        raise PruningConfigError(f"method '{method}' needs data: pass --data (e.g. --data glue:rte)")
+    instance = cls(PruneConfig(sparsity=dict(sparsity), seed=seed, min_keep=min_keep), options)
+    maskset = instance.run(model, data)
+    maskset.params = instance.params()
+    if data is not None and maskset.data is None:
+        maskset.data = data.describe()
+    return maskset
