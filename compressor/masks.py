@@ -83,17 +83,23 @@ class MaskSet:
 
     # ------------------------------------------------------------------ I/O
     def save(self, directory, overwrite: bool = False) -> Path:
+        """Write the mask directory whole or not at all."""
+        with atomic_output_dir(directory, overwrite) as tmp:
+            self.write(tmp)
+        return Path(directory)
+
+    def write(self, directory) -> None:
+        """Write masks.safetensors and masks.json into the existing `directory` (no atomicity: see `save`)."""
         from safetensors.torch import save_file
 
+        directory = Path(directory)
         meta = dict(
             format=FORMAT, version=FORMAT_VERSION, fingerprint=self.fingerprint, method=self.method,
             params=self.params, data=self.data, counts=self.counts(), **self.extra,
         )
-        with atomic_output_dir(directory, overwrite) as tmp:
-            tensors = {k: v.contiguous() for k, v in sorted(self.masks.items())}
-            save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": f"{FORMAT}-v{FORMAT_VERSION}"})  # one entry: byte-stable
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        return Path(directory)
+        tensors = {k: v.contiguous() for k, v in sorted(self.masks.items())}
+        save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": f"{FORMAT}-v{FORMAT_VERSION}"})  # one entry: byte-stable
+        (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, directory) -> "MaskSet":

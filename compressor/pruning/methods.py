@@ -116,18 +116,22 @@ def global_prune(scores: dict, units: dict, fraction: float, min_keep: int) -> d
     members whose group would drop below `min_keep`. Ties break by key and position (reproducible)."""
     keys = sorted(scores)
     flat = torch.cat([scores[k].flatten().float() for k in keys])
-    owner = torch.cat([torch.full((scores[k].numel(),), i) for i, k in enumerate(keys)])
+    owner = torch.cat([torch.full((scores[k].numel(),), i) for i, k in enumerate(keys)]) if min_keep else None
     n_prune = math.floor(Fraction(repr(float(fraction))) * flat.numel())
     keep = torch.ones(flat.numel(), dtype=torch.bool)
-    left = {i: scores[k].numel() for i, k in enumerate(keys)}
-    pruned = 0
-    for idx in torch.argsort(flat, stable=True).tolist():
-        if pruned == n_prune:
-            break
-        group = int(owner[idx])
-        if left[group] <= min_keep:
-            continue
-        keep[idx], left[group], pruned = False, left[group] - 1, pruned + 1
+    order = torch.argsort(flat, stable=True)
+    if min_keep == 0:  # no group floor: the n lowest (vectorised; encoder weights are millions of members)
+        keep[order[:n_prune]] = False
+    else:
+        left = {i: scores[k].numel() for i, k in enumerate(keys)}
+        pruned = 0
+        for idx in order.tolist():
+            if pruned == n_prune:
+                break
+            group = int(owner[idx])
+            if left[group] <= min_keep:
+                continue
+            keep[idx], left[group], pruned = False, left[group] - 1, pruned + 1
     out, start = {}, 0
     for k in keys:
         n = scores[k].numel()

@@ -1,0 +1,292 @@
+"""The `compress` CLI with data and training, on tiny models, the tiny tokenizer and the synthetic signal task
+written as a TSV file: prune with a method that trains (masks + the trained model), compact / eval that use the
+trained model, train a head then eval, a data-free method, and the one-line errors of bad data and options."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import compressor
+from compressor.cli import app
+from compressor.masks import META_FILE, TENSORS_FILE, MaskSet, masked_copy
+from compressor.pruning import METHODS
+from factories import make_model_dir, random_inputs
+from task_factories import signal_task, tiny_tokenizer
+
+runner = CliRunner()
+
+
+def invoke(*args, **kwargs):
+    return runner.invoke(app, [str(a) for a in args], **kwargs)
+
+
+def ok(result):
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+
+def assert_user_error(result, *needles, out: Path = None):
+    """Non-zero exit, one line on stderr naming the problem, no traceback, nothing on stdout or at `out`."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:"), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert "Traceback" not in result.output and result.stdout.strip() == ""
+    if out is not None:
+        assert not out.exists()
+        assert not [p for p in out.parent.iterdir() if ".partial" in p.name]
+    return lines[0]
+
+
+def with_tokenizer(model_dir: Path) -> Path:
+    """The tiny tokenizer's vocab.txt plus a tokenizer_config.json: AutoTokenizer loads it from the model dir."""
+    tiny_tokenizer(model_dir)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 64}))
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return tmp_path_factory.mktemp("training")
+
+
+@pytest.fixture(scope="module")
+def model_dir(root):
+    """Three fused adapters, no head."""
+    return with_tokenizer(make_model_dir(root / "model", "bert", "seq_bn", n_adapters=3, fusion="dynamic"))
+
+
+@pytest.fixture(scope="module")
+def flex_dir(root):
+    """A flex model with a 3-label head 't' (the signal task has 2 labels)."""
+    return with_tokenizer(make_model_dir(root / "flex", "bert", "seq_bn", n_adapters=2, fusion="dynamic",
+                                         head="flex", seed=1))
+
+
+@pytest.fixture(scope="module")
+def data_file(root):
+    task = signal_task(n_train=100, n_dev=20, seed=0)
+    path = root / "signal.tsv"
+    rows = ["sentence\tlabel"] + [f"{e.texts[0]}\t{task.spec.label_list[e.label]}" for e in task.train + task.dev]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def data_args(data_file):
+    return ("--data", data_file, "--text-columns", "sentence", "--label-column", "label")
+
+
+BUDGET = ("--max-steps", 5, "--batch-size", 8)
+
+
+@pytest.fixture(scope="module")
+def lottery_masks(root, model_dir, data_file):
+    out = root / "lottery-masks"
+    result = ok(invoke("prune", model_dir, "--method", "lottery-fusion", "--sparsity", "adapters=0.34",
+                       *data_args(data_file), *BUDGET, "--rounds", 1, "--max-drop", 1.0, "--out", out))
+    return out, result
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+# ----------------------------------------------------------------------------------------------- happy paths
+
+def test_tokenizer_loads_from_the_model_dir(model_dir):
+    from compressor.api import load_tokenizer
+
+    tok = load_tokenizer(model_dir, compressor.load_model(model_dir))
+    assert tok("good alpha")["input_ids"] == [2, 5, 7, 3]
+
+
+def test_prune_lottery_writes_masks_and_trained_model(lottery_masks, model_dir):
+    out, result = lottery_masks
+    assert sorted(p.name for p in out.iterdir()) == sorted([TENSORS_FILE, META_FILE, "model"])
+    assert {"config.json", "compress_manifest.json", "model.safetensors", "vocab.txt",
+            "tokenizer_config.json"} <= {p.name for p in (out / "model").iterdir()}
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["method"] == "lottery-fusion" and meta["trained_model"] == "model"
+    assert meta["params"]["options"]["rounds"] == 1 and meta["params"]["options"]["max_drop"] == 1.0
+    assert meta["data"]["train_examples"] == 108 and meta["data"]["dev_examples"] == 12
+    assert meta["counts"]["adapters"] == {"kept": 4, "total": 6}
+    # the masks belong to the trained model (a head was added): it reloads and they fit it
+    trained = compressor.load_model(out / "model")
+    MaskSet.load(out).check(trained)
+    assert "accuracy, dense" in result.stdout and "accuracy, pruned" in result.stdout
+    assert "dev metrics on signal (12 examples)" in result.stdout
+    assert f"{out}/model" in result.stdout.replace("\n", "")
+
+
+def test_compact_uses_the_trained_model(lottery_masks, model_dir, tmp_path):
+    masks, _ = lottery_masks
+    out = tmp_path / "compact"
+    result = ok(invoke("compact", model_dir, "--masks", masks, "--out", out))
+    assert "note:" in result.stderr and str(masks / "model") in result.stderr.replace("\n", "")
+    assert (out / "vocab.txt").is_file()  # the tokenizer travels with the trained model
+    trained = compressor.load_model(masks / "model")
+    masked, compacted = masked_copy(trained, MaskSet.load(masks)), compressor.load_model(out)
+    inputs = random_inputs("bert", 3, 9, "random", vocab=25)
+    ref = logits(masked, inputs)
+    assert ref.shape == (3, 2)  # the original model has no head: this is the trained model
+    assert (logits(compacted, inputs) - ref).abs().max().item() <= 1e-5
+    # without MODEL: the same, and no note
+    result = ok(invoke("compact", "--masks", masks, "--out", tmp_path / "c2"))
+    assert "note:" not in result.stderr
+
+
+def test_eval_masks_reproduces_the_methods_metric(lottery_masks, data_file, tmp_path):
+    masks, _ = lottery_masks
+    report = tmp_path / "eval.json"
+    result = ok(invoke("eval", "--masks", masks, *data_args(data_file), "--json", report))
+    got = json.loads(report.read_text())
+    meta = json.loads((masks / META_FILE).read_text())
+    assert got["metrics"]["accuracy"] == pytest.approx(meta["metric"], abs=1e-9)
+    assert got["masks_method"] == "lottery-fusion" and got["task"] == "signal"
+    assert "accuracy" in result.stdout
+
+
+def test_train_head_then_eval(model_dir, data_file, tmp_path):
+    out, ckpt = tmp_path / "trained", tmp_path / "ckpt"
+    result = ok(invoke("train", model_dir, *data_args(data_file), "--train", "head", "--max-steps", 8,
+                       "--learning-rate", 0.01, "--checkpoint-dir", ckpt, "--out", out))
+    assert {"model.safetensors", "compress_manifest.json", "train.json", "vocab.txt"} <= {p.name for p in out.iterdir()}
+    record = json.loads((out / "train.json").read_text())
+    assert record["train"] == ["head"] and record["steps"] == 8 and record["head"] == "signal"
+    assert record["config"]["max_steps"] == 8 and record["config"]["learning_rate"] == 0.01
+    assert set(record["dev_before"]) == set(record["dev_after"]) == {"accuracy", "f1"}
+    assert record["data"]["source"]["file"] == str(data_file.resolve()) and record["loss"] is not None
+    assert "before" in result.stdout and "after" in result.stdout
+    trained = compressor.load_model(out)
+    assert logits(trained, random_inputs("bert", 2, 5, vocab=25)).shape == (2, 2)
+    # only the head trained: the encoder and adapters are the original ones
+    original = compressor.load_model(model_dir).state_dict()
+    state = trained.state_dict()
+    assert all(torch.equal(v, state["bert." + k]) for k, v in original.items())
+
+    report = tmp_path / "eval.json"
+    ok(invoke("eval", out, *data_args(data_file), "--json", report))
+    assert json.loads(report.read_text())["metrics"] == pytest.approx(record["dev_after"])
+    assert_user_error(invoke("eval", out, *data_args(data_file), "--json", report), "already exists", "--overwrite")
+
+    # resume: the finished stage is loaded, not trained again, and gives the same model
+    again = tmp_path / "again"
+    ok(invoke("train", model_dir, *data_args(data_file), "--train", "head", "--max-steps", 8, "--learning-rate",
+              0.01, "--checkpoint-dir", ckpt, "--resume", "--out", again))
+    assert json.loads((again / "train.json").read_text())["resumed"] is True
+    resumed = compressor.load_model(again).state_dict()
+    assert all(torch.equal(v, resumed[k]) for k, v in state.items())
+
+
+def test_train_new_head_replaces_a_head_of_another_size(flex_dir, data_file, tmp_path):
+    assert_user_error(invoke("train", flex_dir, *data_args(data_file), "--train", "head", "--max-steps", 1,
+                             "--out", tmp_path / "o"), "3 outputs", "--new-head", out=tmp_path / "o")
+    out = tmp_path / "new"
+    ok(invoke("train", flex_dir, *data_args(data_file), "--train", "fusion", "--new-head", *BUDGET, "--out", out))
+    trained = compressor.load_model(out)
+    assert list(trained.heads) == ["signal"] and trained.compress_manifest["active_head"] == "signal"
+    assert logits(trained, random_inputs("bert", 2, 5, vocab=25)).shape == (2, 2)
+
+
+def test_prune_omp_needs_no_data(model_dir, tmp_path):
+    out = tmp_path / "omp"
+    result = ok(invoke("prune", model_dir, "--method", "omp", "--sparsity", "weights=0.5", "--out", out))
+    assert sorted(p.name for p in out.iterdir()) == sorted([TENSORS_FILE, META_FILE])
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["method"] == "omp" and "trained_model" not in meta and meta["data"] is None
+    assert "dev metrics" not in result.stdout
+    # masks of a method that trained nothing: compact uses MODEL, silently
+    result = ok(invoke("compact", model_dir, "--masks", out, "--out", tmp_path / "c"))
+    assert "note:" not in result.stderr
+
+
+def test_prune_help_lists_methods_and_which_need_data():
+    result = ok(invoke("prune", "--help", env={"COLUMNS": "200"}))
+    text = " ".join(result.stdout.split())
+    for name, cls in METHODS.items():
+        assert name in text
+        assert (f"{name} (needs --data)" in text) == cls.needs_data, name
+    for flag in ("--rounds", "--criterion", "--option", "--max-steps", "--text-columns", "--checkpoint-dir"):
+        assert flag in text
+
+
+# ----------------------------------------------------------------------------------------------- user errors
+
+def test_unknown_method_lists_methods(model_dir, tmp_path):
+    line = assert_user_error(invoke("prune", model_dir, "--method", "movement", "--sparsity", "heads=0.5",
+                                    "--out", tmp_path / "o"), "'movement'", out=tmp_path / "o")
+    assert all(name in line for name in METHODS)
+
+
+def test_unknown_criterion_for_sparse_adapter(model_dir, data_file, tmp_path):
+    assert_user_error(invoke("prune", model_dir, "--method", "sparse-adapter", "--sparsity", "weights=0.5",
+                             "--criterion", "vibes", *data_args(data_file), "--out", tmp_path / "o"),
+                      "'vibes'", "snip", "grasp", "synflow", out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("--method", "omp", "--sparsity", "weights=0.5", "--rounds", 2), ["'omp'", "--rounds", "none"]),
+    (("--method", "lottery-fusion", "--sparsity", "adapters=0.5", "--criterion", "snip"),
+     ["'lottery-fusion'", "--criterion", "--rounds", "--rewind-step", "--max-drop"]),
+    (("--method", "imp", "--sparsity", "weights=0.5", "--option", "frobnicate=1"),
+     ["'imp'", "--option frobnicate=1", "--option rate=V"]),
+    (("--method", "imp", "--sparsity", "weights=0.5", "--option", "rate=lots"), ["rate", "float"]),
+    (("--method", "imp", "--sparsity", "weights=0.5", "--option", "rate"), ["KEY=VALUE"]),
+    (("--method", "lottery-fusion", "--sparsity", "adapters=0.5", "--rounds", 0), ["--rounds", ">= 1"]),
+])
+def test_method_options_are_checked(model_dir, data_file, tmp_path, args, needles):
+    assert_user_error(invoke("prune", model_dir, *args, *data_args(data_file), "--out", tmp_path / "o"), *needles,
+                      out=tmp_path / "o")
+
+
+def test_method_that_needs_data_given_none(model_dir, tmp_path):
+    assert_user_error(invoke("prune", model_dir, "--method", "lottery-fusion", "--sparsity", "adapters=0.5",
+                             "--out", tmp_path / "o"), "lottery-fusion", "needs data", "--data", out=tmp_path / "o")
+
+
+def test_data_file_without_the_named_columns(model_dir, data_file, tmp_path):
+    assert_user_error(invoke("prune", model_dir, "--method", "lottery-fusion", "--sparsity", "adapters=0.5",
+                             "--data", data_file, "--text-columns", "text", "--label-column", "label",
+                             "--out", tmp_path / "o"), "no column 'text'", "sentence", out=tmp_path / "o")
+
+
+def test_labels_do_not_match_the_head(flex_dir, data_file, tmp_path):
+    assert_user_error(invoke("prune", flex_dir, "--method", "lottery-fusion", "--sparsity", "adapters=0.5",
+                             *data_args(data_file), *BUDGET, "--out", tmp_path / "o"), "3 outputs", "needs 2",
+                      out=tmp_path / "o")
+    assert_user_error(invoke("eval", flex_dir, *data_args(data_file)), "3 outputs", "needs 2", "--new-head")
+
+
+def test_eval_without_a_head(model_dir, data_file):
+    assert_user_error(invoke("eval", model_dir, *data_args(data_file)), "no prediction head",
+                      "train a head first: compress train")
+
+
+def test_resume_without_checkpoint_dir(model_dir, data_file, tmp_path):
+    for command in (("prune", model_dir, "--method", "lottery-fusion", "--sparsity", "adapters=0.5"),
+                    ("train", model_dir, "--train", "head")):
+        assert_user_error(invoke(*command, *data_args(data_file), "--resume", "--out", tmp_path / "o"),
+                          "--resume", "--checkpoint-dir", out=tmp_path / "o")
+
+
+def test_model_dir_without_tokenizer(root, data_file, tmp_path):
+    bare = make_model_dir(root / "bare", "bert", "seq_bn", n_adapters=2, fusion="dynamic")
+    assert_user_error(invoke("prune", bare, "--method", "lottery-fusion", "--sparsity", "adapters=0.5",
+                             *data_args(data_file), "--out", tmp_path / "o"), str(bare), "no tokenizer files",
+                      out=tmp_path / "o")
+
+
+def test_bad_train_choice(model_dir, data_file, tmp_path):
+    assert_user_error(invoke("train", model_dir, *data_args(data_file), "--train", "everything",
+                             "--out", tmp_path / "o"), "'everything'", "adapters, fusion, head, all",
+                      out=tmp_path / "o")
