@@ -288,8 +288,9 @@ PRUNE_HELP = f"""Score units and write a MaskSet (True = keep) for the model.
 
 Methods that need --data take the task from --data, the training budget from --max-steps /
 --epochs / --batch-size / --learning-rate, and their own settings from the method options below (only the ones
-you give are passed; a method rejects options it does not have). They also write the trained model to OUT/model;
-`compress compact` and `compress export --masks OUT` then use it instead of MODEL.
+you give are passed; a method rejects options it does not have). A method that trains weights (lottery-fusion,
+sparse-adapter, head-importance, adapt-by-pruning) also writes the trained model to OUT/model; `compress compact`,
+`compress export` and `compress eval` with --masks OUT then use it instead of MODEL.
 
 Methods and their options:
 

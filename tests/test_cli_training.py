@@ -290,3 +290,29 @@ def test_bad_train_choice(model_dir, data_file, tmp_path):
     assert_user_error(invoke("train", model_dir, *data_args(data_file), "--train", "everything",
                              "--out", tmp_path / "o"), "'everything'", "adapters, fusion, head, all",
                       out=tmp_path / "o")
+
+
+def test_masks_and_trained_model_appear_together_or_not_at_all(model_dir, tmp_path, monkeypatch):
+    import compressor.api
+    import compressor.pruning
+
+    def trained_prune(model, method, sparsity, seed=0, min_keep=1, data=None, options=None):
+        maskset = MaskSet.full(model, kinds=("heads",))
+        maskset.model = model  # as if the method had trained it
+        return maskset
+
+    real = compressor.api.write_compacted
+    written = []
+
+    def failing(model, directory, tokenizer_dir=None):
+        real(model, directory, tokenizer_dir)
+        written.append(Path(directory))
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(compressor.pruning, "prune", trained_prune)
+    monkeypatch.setattr(compressor.api, "write_compacted", failing)
+    out = tmp_path / "out"
+    result = invoke("prune", model_dir, "--sparsity", "heads=0.5", "--out", out)
+    assert written and written[0].name == "model" and result.exit_code != 0
+    assert isinstance(result.exception, OSError)
+    assert sorted(tmp_path.iterdir()) == []

@@ -150,6 +150,22 @@ def prune(model: nn.Module, method: str, sparsity: dict, seed: int = 0, min_keep
     instance = cls(PruneConfig(sparsity=dict(sparsity), seed=seed, min_keep=min_keep), options)
     maskset = instance.run(model, data)
     maskset.params = instance.params()
-    if data is not None and maskset.data is None:
-        maskset.data = data.describe()
+    if data is not None:
+        maskset.params["train"] = data.config.to_dict()
+        if maskset.data is None:
+            maskset.data = data.describe()
+        if "dev_metrics" not in maskset.extra:
+            maskset.extra["dev_metrics"] = _dev_metrics(maskset.model if maskset.model is not None else model,
+                                                        maskset, data)
     return maskset
+
+
+def _dev_metrics(model: nn.Module, maskset: MaskSet, data) -> Optional[dict]:
+    """The masked model's dev metrics, when it has a head that fits the task (task-agnostic masks on a headless
+    encoder have none until a head is trained)."""
+    from ..masks import masked_copy
+    from ..training.heads import num_labels_of
+
+    if num_labels_of(model) != data.spec.num_labels:
+        return None
+    return data.evaluate(masked_copy(model, maskset))

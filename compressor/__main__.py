@@ -1,0 +1,4 @@
+"""`python -m compressor ...` (and `accelerate launch -m compressor ...` on several GPUs) runs the CLI."""
+from .cli import app
+
+app()
