@@ -53,7 +53,9 @@ def write_export_md(result, compacted, path: Path, optimized: bool) -> None:
                   f"the reference: max abs diff {result.int8['max_abs_diff']:.3e}; recorded, not held to atol. "
                   "Measure its latency with `compress bench`."]
         if "accuracy" in result.int8:
-            lines.append(f"Accuracy on {result.int8['data']}: {result.int8['accuracy']}")
+            acc = result.int8["accuracy"]
+            lines += ["", f"Dev metrics on {result.int8['data']}:", "", "| metric | fp32 | int8 | change |", "|---|---|---|---|"]
+            lines += [f"| {k} | {acc['fp32'][k]:.4f} | {acc['int8'][k]:.4f} | {acc['change'][k]:+.4f} |" for k in acc["fp32"]]
     if result.sparse is not None and "sparse" not in result.files:
         lines += ["", "## Sparse initializers", "",
                   f"No `model.sparse.onnx` written: no weight tensor is below the break-even density "

@@ -111,10 +111,11 @@ def _export(model, inputs, output, example, path, opset, axes, big) -> None:
 
 
 def export_onnx(model: nn.Module, out, masks: Optional[MaskSet] = None, config: Optional[ExportConfig] = None,
-                overwrite: bool = False, tokenizer_dir=None, progress: Optional[Callable[[str], None]] = None
-                ) -> ExportResult:
+                overwrite: bool = False, tokenizer_dir=None, progress: Optional[Callable[[str], None]] = None,
+                eval_data=None) -> ExportResult:
     """Compact `model` under `masks` (None: fold only), export, optimise, verify against the masked model and
-    write the export directory `out`. Raises ParityError (nothing written) unless `allow_mismatch`."""
+    write the export directory `out`. Raises ParityError (nothing written) unless `allow_mismatch`.
+    `eval_data` (a training.TaskContext) with int8: also score both graphs on its dev split."""
     config = config or ExportConfig()
     say = progress or (lambda _msg: None)
     check_output_dir(out, overwrite)
@@ -177,6 +178,11 @@ def export_onnx(model: nn.Module, out, masks: Optional[MaskSet] = None, config: 
             sizes[name] = (tmp / name).stat().st_size + sum(p.stat().st_size for p in tmp.glob(f"{name}.data"))
         if "int8" in files:
             int8_info = dict(max_abs_diff=report.worst("model.int8.onnx"))
+            if eval_data is not None:  # a training.TaskContext: the accuracy int8 costs on its dev split
+                from .accuracy import int8_accuracy
+                say("scoring fp32 and int8 on dev data")
+                int8_info.update(accuracy=int8_accuracy(deploy, tmp / "model.int8.onnx", eval_data),
+                                 data=eval_data.data.source.get("spec", eval_data.spec.name))
         result = ExportResult(out=Path(out), files=files, sizes=sizes, attention=attention, heads=heads,
                               parity=report.to_dict(), int8=int8_info, sparse=sparse_info, timings=timings)
         from .export_summary import write_export_md
