@@ -288,9 +288,9 @@ PRUNE_HELP = f"""Score units and write a MaskSet (True = keep) for the model.
 
 Methods that need --data take the task from --data, the training budget from --max-steps /
 --epochs / --batch-size / --learning-rate, and their own settings from the method options below (only the ones
-you give are passed; a method rejects options it does not have). A method that trains weights (lottery-fusion,
-sparse-adapter, head-importance, adapt-by-pruning) also writes the trained model to OUT/model; `compress compact`,
-`compress export` and `compress eval` with --masks OUT then use it instead of MODEL.
+you give are passed; a method rejects options it does not have). A method that trains weights (a new head,
+adapters, a fusion) also writes the trained model to OUT/model; `compress compact`, `compress export` and
+`compress eval` with --masks OUT then use it instead of MODEL.
 
 Methods and their options:
 
@@ -393,9 +393,10 @@ def prune(
         extra = masks.extra
         main = ctx.spec.main_metric if ctx is not None else "metric"
         rows = [(f"{main}, dense", extra["dense_metric"])] if extra.get("dense_metric") is not None else []
-        if extra.get("metric") is not None:
+        dev = extra.get("dev_metrics") or {}
+        if extra.get("metric") is not None and main not in dev:
             rows.append((f"{main}, pruned", extra["metric"]))
-        rows += list((extra.get("dev_metrics") or {}).items())
+        rows += [(f"{name}, pruned", value) for name, value in dev.items()]
         if rows:
             where = f" on {escape(ctx.spec.ref)} ({len(ctx.dev_set)} examples)" if ctx is not None else ""
             _print_metrics(f"dev metrics{where}", rows)
