@@ -487,6 +487,14 @@ def export(
     seed: Optional[int] = typer.Option(None, help="Seed of the parity inputs. Default: fresh random inputs each "
                                        "run (the seed used is in parity.json)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
+    data: Optional[str] = typer.Option(None, "--data", help="With --quantize int8: score model.onnx and "
+                                       "model.int8.onnx on this task's dev split and report the accuracy change "
+                                       "(glue:TASK, a GLUE task directory, or a CSV / TSV / JSONL file)."),
+    data_dir: Optional[Path] = DATA_DIR_OPT,
+    task: Optional[str] = TASK_OPT,
+    text_columns: Optional[str] = TEXT_COLUMNS_OPT,
+    label_column: Optional[str] = LABEL_COLUMN_OPT,
+    max_dev: Optional[int] = MAX_DEV_OPT,
     adapter: Optional[List[Path]] = ADAPTER_OPT,
     fusion: Optional[Path] = FUSION_OPT,
     setup: Optional[str] = SETUP_OPT,
@@ -512,9 +520,19 @@ def export(
         config = ExportConfig(optimize=optimize, sparse=sparse, quantize=quantize, atol=atol,
                               allow_mismatch=allow_mismatch, seed=seed)
         check_output_dir(out, overwrite)
+        if data is not None and quantize != "int8":
+            raise ExportError("--data scores the int8 graph against the fp32 one: add --quantize int8")
         m, maskset, source = _load_with_masks(model, masks, adapter, fusion, setup, head)
+        eval_data = None
+        if data is not None:
+            from .api import check_head, load_task, load_tokenizer
+
+            eval_data = load_task(data, load_tokenizer(source, m), data_dir=data_dir, task=task,
+                                  text_columns=text_columns, label_column=label_column, max_dev=max_dev)
+            check_head(m, eval_data.spec)
         with step("exporting") as update:
-            result = export_onnx(m, out, maskset, config, overwrite=overwrite, tokenizer_dir=source, progress=update)
+            result = export_onnx(m, out, maskset, config, overwrite=overwrite, tokenizer_dir=source, progress=update,
+                                 eval_data=eval_data)
         table = Table(title=f"ONNX export ({'optimised' if optimize else 'not optimised'})")
         for col in ("file", "size", "worst max abs diff vs masked model", "parity"):
             table.add_column(col, justify="right")
@@ -529,6 +547,14 @@ def export(
             rows = attention_rows(result)
             console.print("fused Attention per layer (heads): " + ", ".join(
                 f"{i}:{n}x({h})" + ("" if ok else " NOT FUSED") for i, h, n, _, ok in rows))
+        if result.int8 is not None and "accuracy" in result.int8:
+            acc = result.int8["accuracy"]
+            metrics = Table(title=f"dev metrics on {result.int8['data']}: fp32 vs int8")
+            for col in ("metric", "model.onnx", "model.int8.onnx", "change"):
+                metrics.add_column(col, justify="right")
+            for k in acc["fp32"]:
+                metrics.add_row(k, f"{acc['fp32'][k]:.4f}", f"{acc['int8'][k]:.4f}", f"{acc['change'][k]:+.4f}")
+            console.print(metrics)
         console.print(f"wrote {out} (model.onnx, parity.json, export.md, compacted model, tokenizer)")
 
 

@@ -316,3 +316,22 @@ def test_masks_and_trained_model_appear_together_or_not_at_all(model_dir, tmp_pa
     assert written and written[0].name == "model" and result.exit_code != 0
     assert isinstance(result.exception, OSError)
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_export_int8_with_data_reports_the_accuracy_change(lottery_masks, data_file, tmp_path):
+    out = tmp_path / "onnx"
+    result = ok(invoke("export", "--masks", lottery_masks[0], "--onnx", "--quantize", "int8", *data_args(data_file),
+                       "--seed", 0, "--out", out))
+    assert "fp32 vs int8" in result.stdout
+    summary = (out / "export.md").read_text()
+    assert "| accuracy |" in summary and "| f1 |" in summary
+    # the fp32 graph scores what `compress eval` scores on the masked trained model
+    report = tmp_path / "eval.json"
+    ok(invoke("eval", "--masks", lottery_masks[0], *data_args(data_file), "--json", report))
+    fp32 = [line for line in summary.splitlines() if line.startswith("| accuracy |")][0].split("|")[2]
+    assert float(fp32) == pytest.approx(json.loads(report.read_text())["metrics"]["accuracy"], abs=1e-4)
+
+
+def test_export_data_needs_int8(lottery_masks, data_file, tmp_path):
+    assert_user_error(invoke("export", "--masks", lottery_masks[0], "--onnx", *data_args(data_file), "--out",
+                             tmp_path / "o"), "--quantize int8", out=tmp_path / "o")
