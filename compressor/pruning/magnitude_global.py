@@ -76,32 +76,34 @@ class IterativeMagnitude(PruningMethod):
         work = copy.deepcopy(model)
         for p in work.parameters():
             p.requires_grad_(False)
-        units = {u.key: u for u in encoder_weight_units(work)}
-        pretrained = {k: work.get_parameter(u.module_path).detach().clone() for k, u in units.items()}
+        units = {u.key: u for u in encoder_weight_units(work)}  # keys of `model`: the masks are for it
         total = sum(u.size for u in units.values())
         if opts.objective == "task":
             from ..training.heads import ensure_head
-            work = ensure_head(work, data.spec, seed=cfg.seed)
+            work = ensure_head(work, data.spec, seed=cfg.seed)  # a headless encoder gets a prefix (`bert.`)
             objective, extra_params = task_loss, []
         else:
             objective = PretrainingObjective(work, opts.objective, data.tokenizer, opts.mlm_probability, cfg.seed)
             extra_params = objective.parameters()
+        prefix = f"{work.base_model_prefix}." if type(work) is not type(model) else ""
+        paths = {k: prefix + u.module_path for k, u in units.items()}
+        pretrained = {k: work.get_parameter(paths[k]).detach().clone() for k in units}
         masks = {k: torch.ones(u.shape, dtype=torch.bool) for k, u in units.items()}
         history = []
         for r, fraction in enumerate(imp_schedule(cfg.sparsity["weights"], opts.rate), start=1):
-            fixed = FixedWeightMasks(work, {u.module_path: masks[k] for k, u in units.items()})
-            params = [work.get_parameter(u.module_path) for u in units.values()] + list(extra_params)
+            fixed = FixedWeightMasks(work, {paths[k]: masks[k] for k in units})
+            params = [work.get_parameter(paths[k]) for k in units] + list(extra_params)
             for p in params:
                 p.requires_grad_(True)
             summary = train(work, data.train_set, data.collate, objective, data.config, params, stage=f"imp-{r}",
                             after_backward=fixed.zero_grads, after_step=fixed.apply)
-            scores = _magnitudes(work, units.values())
+            scores = {k: work.get_parameter(paths[k]).detach().abs().cpu() for k in units}
             for k in scores:
                 scores[k][~masks[k]] = -1.0  # pruned weights stay pruned
             masks = global_prune(scores, units, fraction, 0)
             with torch.no_grad():  # rewind the survivors to their pretrained values
-                for k, u in units.items():
-                    work.get_parameter(u.module_path).copy_(pretrained[k])
+                for k in units:
+                    work.get_parameter(paths[k]).copy_(pretrained[k])
             history.append(dict(round=r, pruned=round(1 - sum(int(m.sum()) for m in masks.values()) / total, 6),
                                 train=summary))
         return MaskSet(masks, fingerprint(model), self.name, extra=dict(history=history, objective=opts.objective))
