@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import random
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from compressor.data import Example, TaskData, TaskSpec
@@ -10,6 +14,20 @@ from compressor.data import Example, TaskData, TaskSpec
 WORDS = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota", "kappa", "lam", "mu",
          "nu", "xi", "omi", "pi", "rho", "sig", "tau", "ups"]
 SIGNAL = ("good", "bad")
+
+
+@contextlib.contextmanager
+def single_thread():
+    """One intra-op thread while the tiny models train: they gain nothing from more, and on a busy machine two
+    OpenMP threads spin-waiting on each other make the method tests several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tiny_tokenizer(directory) -> object:
@@ -37,3 +55,71 @@ def signal_task(n_train: int = 256, n_dev: int = 128, seed: int = 0, length: int
                     metrics=("accuracy",), main_metric="accuracy")
     return TaskData(spec, [example() for _ in range(n_train)], [example() for _ in range(n_dev)],
                     dict(spec="synthetic:signal", seed=seed))
+
+
+def train_with_planted_heads(model, context, keep: dict, steps: int = 80, learning_rate: float = 3e-3):
+    """Fine-tune the whole model (encoder and head) on `context`'s task with every attention head masked except
+    those in `keep` (heads-unit key -> head indices), then unmask. The task signal then flows through the kept
+    heads only; the other heads keep their random initial weights, so a method that finds the heads that matter
+    must keep the planted ones. In place; returns the training summary."""
+    import torch
+
+    from compressor.training import train
+    from compressor.training.trainable import select_trainable
+    from compressor.units import iter_units
+
+    heads = [u for u in iter_units(model) if u.kind == "heads"]
+    for u in heads:
+        mask = torch.zeros(u.shape, dtype=torch.bool)
+        mask[list(keep.get(u.key, ()))] = True
+        model.get_submodule(u.module_path).set_mask("heads", mask)
+    try:
+        summary = train(model, context.train_set, context.collate, context.loss, context.config,
+                        select_trainable(model, "all"), stage="planted", steps=steps, learning_rate=learning_rate)
+    finally:
+        for u in heads:
+            model.get_submodule(u.module_path).set_mask("heads", None)
+        for p in model.parameters():
+            p.requires_grad_(False)
+    return summary
+
+
+def signal_context(tokenizer, max_steps: int = 20, seed: int = 0, learning_rate: float = 1e-3, task_seed: int = 0):
+    """A TaskContext on signal_task(seed=task_seed): batch size 16, `max_steps` optimiser steps per training stage,
+    `seed` for the data order (as `compress prune --seed` sets it)."""
+    from compressor.training import TaskContext, TrainConfig
+
+    return TaskContext.build(signal_task(seed=task_seed), tokenizer,
+                             TrainConfig(max_steps=max_steps, batch_size=16, learning_rate=learning_rate, seed=seed))
+
+
+@dataclass
+class PlantedModel:
+    model: object  # a FlexHeadModel (bert, seq_bn adapters a0..a2 in a dynamic fusion, head 'signal'), frozen
+    tokenizer: object
+    keep: dict  # heads-unit key -> the indices of the heads the task signal flows through
+    dev_accuracy: float
+
+
+@functools.lru_cache(maxsize=None)
+def planted_signal_model(seed: int = 0) -> PlantedModel:
+    """The learnable setting of the method tests, built once per process (do not modify it: deep-copy first).
+
+    The tiny random-weight models cannot learn signal_task by training adapters alone (their 0.02-std attention
+    carries almost nothing to [CLS]), so the whole model is fine-tuned first, with one planted head per layer
+    (train_with_planted_heads): dev accuracy 1.0, the signal in known heads, weights and neurons that matter."""
+    import compressor
+    from compressor.training.heads import ensure_head
+    from compressor.units import iter_units
+    from factories import make_model_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = tiny_tokenizer(Path(tmp) / "tokenizer")
+        model = compressor.load_model(make_model_dir(Path(tmp) / "model", "bert", "seq_bn", 3, "dynamic", seed=seed))
+    context = signal_context(tokenizer, seed=seed, task_seed=seed)
+    model = ensure_head(model, context.spec, seed=seed)
+    heads = [u for u in iter_units(model) if u.kind == "heads"]
+    keep = {u.key: ((i + 1 + seed) % u.shape[0],) for i, u in enumerate(heads)}
+    train_with_planted_heads(model, context, keep)
+    model.eval()
+    return PlantedModel(model, tokenizer, keep, context.main_metric(context.evaluate(model)))

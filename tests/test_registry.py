@@ -3,6 +3,7 @@ default model (all-MiniLM-L6-v2 + eight adapters in an AdapterFusion)."""
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 
 import pytest
@@ -12,20 +13,39 @@ import compressor
 from compressor.errors import PruningConfigError
 from compressor.pruning import CRITERIA, METHODS, prune, register_criterion, register_method
 from compressor.pruning.criteria import Criterion
-from compressor.pruning.methods import OneShotMethod
+from compressor.pruning.methods import OneShotMethod, PruneConfig
 from compressor.pruning.registry import Registry
+from compressor.training.heads import ensure_head
 from compressor.units import KINDS, iter_units
 from factories import make_model_dir
+from task_factories import signal_context, single_thread, tiny_tokenizer
 
 # Names with tests in this suite (test_masks.py: sparsity targets, determinism, which units magnitude removes;
-# test_cli.py: the prune command; the contract tests below). Add a name here only with its tests.
-TESTED_METHODS = {"random", "magnitude"}
-TESTED_CRITERIA = {"random", "magnitude"}
+# test_methods.py: each method's paper behaviour, targets, determinism, comparisons on a learnable task;
+# test_criteria.py: the criteria's formulas, reproducibility, errors; test_cli.py: the prune command; the contract
+# tests below). Add a name here only with its tests.
+TESTED_METHODS = {"random", "magnitude", "lottery-fusion", "sparse-adapter", "adapt-by-pruning", "tamt", "omp", "imp",
+                  "head-importance"}
+TESTED_CRITERIA = {"random", "magnitude", "snip", "taylor", "grasp", "head-gate", "synflow", "fusion-influence"}
+# unit kinds a criterion scores, where not every kind
+CRITERION_KINDS = {"head-gate": ("heads", "neurons", "adapters", "bottleneck"), "fusion-influence": ("adapters",)}
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     return compressor.load_model(make_model_dir(tmp_path_factory.mktemp("bert"), "bert", "seq_bn", 3, "dynamic"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny task for the methods and criteria that need data: two optimiser steps per training stage."""
+    return signal_context(tiny_tokenizer(tmp_path_factory.mktemp("tokenizer")), max_steps=2)
+
+
+@pytest.fixture(scope="module")
+def headed(model, data):
+    """The model with a head for the task (data criteria read the task loss)."""
+    return ensure_head(copy.deepcopy(model), data.spec)
 
 
 # ----------------------------------------------------------------------------------------------- every name has a test
@@ -96,47 +116,79 @@ def test_registry():
 
 # ----------------------------------------------------------------------------------------------- contracts
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_contract(model, name):
-    """Every method: a valid MaskSet for the model, the asked kinds only, the per-group targets, reproducible."""
+METHOD_KINDS = [(name, kind) for name in sorted(METHODS) for kind in METHODS[name].kinds]
+CHEAP_OPTIONS = {"lottery-fusion": dict(rounds=1), "imp": dict(rate=0.3), "head-importance": dict(examples=16)}
+
+
+@pytest.mark.parametrize("name, kind", METHOD_KINDS)
+def test_method_contract(model, data, name, kind):
+    """Every method, for each kind it prunes: a valid MaskSet for the model it returns (or the one given), masks of
+    that kind only, the target (per unit group for group-scope methods, over all the masked units for global
+    ones), reproducible, and the model given left unchanged."""
     cls = METHODS[name]
-    assert cls.name == name and cls.criterion in CRITERIA
-    if cls.needs_data:
-        pytest.skip("needs data; covered by its own tests")
-    sparsity = {k: 0.5 for k in KINDS}
-    a = prune(model, name, sparsity, seed=4)
-    b = prune(model, name, sparsity, seed=4)
-    a.check(model)
-    assert a.method == name
-    units = {u.key: u for u in iter_units(model)}
-    assert set(a.masks) == set(units)
+    assert cls.name == name and cls.scope in ("group", "global")
+    assert cls.criterion in CRITERIA or cls.criterion == "learned" or isinstance(cls.criterion, property)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ctx = data if cls.needs_data else None
+    options = CHEAP_OPTIONS.get(name)
+    with single_thread():
+        a = prune(model, name, {kind: 0.5}, seed=4, data=ctx, options=options)
+        b = prune(model, name, {kind: 0.5}, seed=4, data=ctx, options=options)
+    out = a.model if a.model is not None else model
+    units = a.check(out)
+    assert a.method == name and a.masks
+    assert {a.kind_of(k) for k in a.masks} == {kind}
+    if cls.criterion != "learned":  # the criterion the instance uses (sparse-adapter's comes from its options)
+        assert cls(PruneConfig({kind: 0.5}), None).criterion in CRITERIA
+    min_keep = 0 if kind == "weights" else 1
     for key, mask in a.masks.items():
-        assert mask.dtype == torch.bool and tuple(mask.shape) == units[key].shape
-        assert int((~mask).sum()) == units[key].size // 2, key
+        assert mask.dtype == torch.bool and tuple(mask.shape) == units[key].shape, key
         assert torch.equal(mask, b.masks[key]), key
-    only = prune(model, name, dict(heads=0.5), seed=4)
-    assert {only.kind_of(k) for k in only.masks} == {"heads"}
+        if cls.scope == "group":
+            assert int((~mask).sum()) == min(units[key].size // 2, units[key].size - min_keep), key
+    if cls.scope == "global":
+        total = sum(m.numel() for m in a.masks.values())
+        assert sum(int((~m).sum()) for m in a.masks.values()) == total // 2
+    if name in ("random", "magnitude"):
+        assert set(a.masks) == {k for k, u in units.items() if u.kind == kind}
+    after = model.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in METHODS.items() if len(c.kinds) > 1 and n != "sparse-adapter"))
+def test_method_prunes_several_kinds_at_once(model, data, name):
+    cls = METHODS[name]
+    with single_thread():
+        ms = prune(model, name, {k: 0.5 for k in cls.kinds}, seed=4, data=data if cls.needs_data else None)
+    assert {ms.kind_of(k) for k in ms.masks} == set(cls.kinds)
+    ms.check(ms.model if ms.model is not None else model)
 
 
 @pytest.mark.parametrize("name", sorted(CRITERIA))
-def test_criterion_contract(model, name):
-    """Every criterion: one finite score per member of every unit asked for, reproducible for a seed."""
+def test_criterion_contract(model, headed, data, name):
+    """Every criterion: one finite score per member of every unit asked for (the kinds it scores), reproducible
+    for a seed; data criteria score the model with a head on the task's batches."""
     cls = CRITERIA[name]
     assert cls.name == name
-    if cls.needs_data:
-        pytest.skip("needs data; covered by its own tests")
-    units = list(iter_units(model))
-    scores = cls(seed=1).scores(model, units)
-    again = cls(seed=1).scores(model, units)
+    scored = headed if cls.needs_data else model
+    ctx = data if cls.needs_data else None
+    kinds = CRITERION_KINDS.get(name, KINDS)
+    units = [u for u in iter_units(scored) if u.kind in kinds]
+    assert {u.kind for u in units} == set(kinds)
+    with single_thread():
+        scores = cls(seed=1).scores(scored, units, ctx)
+        again = cls(seed=1).scores(scored, units, ctx)
     assert set(scores) == {u.key for u in units}
     for u in units:
         assert tuple(scores[u.key].shape) == u.shape, u.key
         assert torch.isfinite(scores[u.key]).all(), u.key
         assert torch.equal(scores[u.key], again[u.key]), u.key
-    # a subset of units gets the same scores (a unit's score does not depend on which others were asked)
+    # a subset of units gets the same scores (a unit's score does not depend on which others were asked), except
+    # for random (one generator in key order) and GraSP (H g couples every scored parameter, as in the paper)
     subset = [u for u in units if u.kind == "adapters"]
-    if name != "random":
-        part = cls(seed=1).scores(model, subset)
+    if name not in ("random", "grasp"):
+        with single_thread():
+            part = cls(seed=1).scores(scored, subset, ctx)
         assert all(torch.equal(part[u.key], scores[u.key]) for u in subset)
 
 

@@ -129,7 +129,8 @@ class HeadGateCriterion(GradientCriterion):
         return grad.abs()
 
     def finish(self, unit, total, value):
-        return total / total.norm().clamp_min(1e-20)
+        norm = total.double().norm()  # in float64: a nearly dead unit's tiny gradients would underflow when squared
+        return (total.double() / norm).to(total.dtype) if norm > 0 else total
 
 
 @register_criterion("grasp")

@@ -202,7 +202,9 @@ class PretrainingObjective:
         if "mlm" in objective:
             if tokenizer.mask_token_id is None:
                 raise PruningConfigError("--objective mlm needs a tokenizer with a mask token")
-            self.head = MLMHead(model.base_model.embeddings.word_embeddings).to(next(model.parameters()).device)
+            with torch.random.fork_rng(devices=[]):  # a seeded initialisation: same seed, same masks
+                torch.manual_seed(seed)
+                self.head = MLMHead(model.base_model.embeddings.word_embeddings).to(next(model.parameters()).device)
             model.add_module("mlm_objective_head", self.head)  # trained with the masks; removed afterwards
         self.generator = torch.Generator().manual_seed(seed)
 
