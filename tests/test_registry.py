@@ -22,10 +22,11 @@ from task_factories import signal_context, single_thread, tiny_tokenizer
 
 # Names with tests in this suite (test_masks.py: sparsity targets, determinism, which units magnitude removes;
 # test_methods.py: each method's paper behaviour, targets, determinism, comparisons on a learnable task;
+# test_importance.py: importance's targets per scope, planted heads, determinism, errors, the CLI;
 # test_criteria.py: the criteria's formulas, reproducibility, errors; test_cli.py: the prune command; the contract
 # tests below). Add a name here only with its tests.
 TESTED_METHODS = {"random", "magnitude", "lottery-fusion", "sparse-adapter", "adapt-by-pruning", "tamt", "omp", "imp",
-                  "head-importance"}
+                  "head-importance", "importance"}
 TESTED_CRITERIA = {"random", "magnitude", "snip", "taylor", "grasp", "head-gate", "synflow", "fusion-influence"}
 # unit kinds a criterion scores, where not every kind
 CRITERION_KINDS = {"head-gate": ("heads", "neurons", "adapters", "bottleneck"), "fusion-influence": ("adapters",)}
@@ -117,15 +118,23 @@ def test_registry():
 # ----------------------------------------------------------------------------------------------- contracts
 
 METHOD_KINDS = [(name, kind) for name in sorted(METHODS) for kind in METHODS[name].kinds]
-CHEAP_OPTIONS = {"lottery-fusion": dict(rounds=1), "imp": dict(rate=0.3), "head-importance": dict(examples=16)}
+CHEAP_OPTIONS = {"lottery-fusion": dict(rounds=1), "imp": dict(rate=0.3), "head-importance": dict(examples=16),
+                 "importance": dict(examples=16)}
+# methods that score by the task loss of the model given and refuse one without a head for the task
+NEEDS_HEAD = {"importance"}
+
+
+def given_model(name, model, headed):
+    return headed if name in NEEDS_HEAD else model
 
 
 @pytest.mark.parametrize("name, kind", METHOD_KINDS)
-def test_method_contract(model, data, name, kind):
+def test_method_contract(model, headed, data, name, kind):
     """Every method, for each kind it prunes: a valid MaskSet for the model it returns (or the one given), masks of
     that kind only, the target (per unit group for group-scope methods, over all the masked units for global
     ones), reproducible, and the model given left unchanged."""
     cls = METHODS[name]
+    model = given_model(name, model, headed)
     assert cls.name == name and cls.scope in ("group", "global")
     assert cls.criterion in CRITERIA or cls.criterion == "learned" or isinstance(cls.criterion, property)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -156,8 +165,9 @@ def test_method_contract(model, data, name, kind):
 
 
 @pytest.mark.parametrize("name", sorted(n for n, c in METHODS.items() if len(c.kinds) > 1 and n != "sparse-adapter"))
-def test_method_prunes_several_kinds_at_once(model, data, name):
+def test_method_prunes_several_kinds_at_once(model, headed, data, name):
     cls = METHODS[name]
+    model = given_model(name, model, headed)
     with single_thread():
         ms = prune(model, name, {k: 0.5 for k in cls.kinds}, seed=4, data=data if cls.needs_data else None)
     assert {ms.kind_of(k) for k in ms.masks} == set(cls.kinds)

@@ -6,4 +6,4 @@ from .sparsity import parse_sparsity
 
 __all__ = ["CRITERIA", "Criterion", "register_criterion", "METHODS", "PruningMethod", "register_method", "prune",
            "parse_sparsity"]
-from . import head_adapters, learned_masks, lottery, magnitude_global, sparse_adapter  # noqa: E402,F401  (register)
+from . import head_adapters, importance, learned_masks, lottery, magnitude_global, sparse_adapter  # noqa: E402,F401  (register)
