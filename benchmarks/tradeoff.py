@@ -33,9 +33,8 @@ from compressor.default_model import PACKAGED, default_model_dir, minilm_dir  # 
 from compressor.masks import MaskSet, masked_copy  # noqa: E402
 from compressor.modeling import load_model  # noqa: E402
 from compressor.pruning import prune  # noqa: E402
-from compressor.training import TrainConfig, train  # noqa: E402
+from compressor.training import TrainConfig, retrain_masked, train  # noqa: E402
 from compressor.training.heads import head_parameters  # noqa: E402
-from compressor.training.trainable import select_trainable  # noqa: E402
 from compressor.units import fingerprint  # noqa: E402
 
 GOAL_SPEEDUP, GOAL_DROP = 2.5, 0.01  # the issue's goal: 2.5x lower CPU latency at <= 1 point of dev accuracy lost
@@ -53,16 +52,6 @@ def probe(model, ctx, steps: int, lr: float = 1e-3) -> None:
           learning_rate=lr)
     for p in head:
         p.requires_grad_(False)
-
-
-def recover(model, masks: MaskSet, ctx, steps: int, parts=("adapters", "fusion")):
-    """Train the adapters, fusion and head of the masked model for `steps` (after structured pruning)."""
-    model = masked_copy(model, masks)
-    params = select_trainable(model, list(parts))
-    train(model, ctx.train_set, ctx.collate, ctx.loss, ctx.config, params, stage="recover", steps=steps)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
 
 
 class Study:
@@ -147,7 +136,7 @@ def run_fusion(study: Study, args) -> None:
         study.add("fusion", "lottery+importance", f"adapters=0.88,heads={frac},neurons={frac}", ctx, tuned, ms,
                   start=t)
         t = time.perf_counter()
-        recovered = recover(tuned, ms, ctx, args.steps * 2)
+        recovered = retrain_masked(tuned, ms, ctx, steps=args.steps * 2)
         study.add("fusion", "lottery+importance+recovery", f"adapters=0.88,heads={frac},neurons={frac}", ctx,
                   recovered, ms, start=t, notes=dict(recovery_steps=args.steps * 2))
 
@@ -195,7 +184,7 @@ def run_single(study: Study, args) -> None:
         t = time.perf_counter()
         ms = prune(model, "importance", {"heads": frac, "neurons": frac}, seed=args.seed, data=ctx,
                    options=dict(examples=256))
-        recovered = recover(model, ms, ctx, args.steps * 2, parts=("adapters",))
+        recovered = retrain_masked(model, ms, ctx, parts=("adapters",), steps=args.steps * 2)
         study.add("single", "importance+recovery", f"heads={frac},neurons={frac}", ctx, recovered, ms, start=t,
                   notes=dict(recovery_steps=args.steps * 2))
 
@@ -214,6 +203,41 @@ def budget(ctx, steps: int):
         yield
     finally:
         ctx.config = saved
+
+
+INT8_OF = {("fusion", "dense"), ("fusion", "lottery-fusion"), ("fusion", "lottery+importance"), ("single", "dense")}
+
+
+def int8_points(study: Study, args) -> None:
+    """int8 (onnxruntime dynamic quantization) of the exported fusion points and the dense single-task model,
+    scored on dev with onnxruntime like the fp32 graphs."""
+    from exporters.accuracy import onnx_dev_metrics
+    from exporters.variants import write_int8
+
+    contexts = {}
+    for p in list(study.points):
+        if (p["model"], p["method"]) not in INT8_OF or p["notes"].get("source") != "onnxruntime":
+            continue
+        src = Path(p["onnx"])
+        dst = src.with_name("model.int8.onnx")
+        if not dst.is_file():
+            write_int8(src, dst)
+        if p["model"] not in contexts:
+            contexts[p["model"]] = _context(p["model"], args)
+        ctx = contexts[p["model"]]
+        metrics = onnx_dev_metrics(dst, ctx)
+        study.points.append(dict(p, method=f"{p['method']} int8", onnx=str(dst), metrics=metrics,
+                                 metric=metrics[ctx.spec.main_metric], notes=dict(p["notes"], quantized="int8")))
+        print(f"{p['model']:7s} {p['method'] + ' int8':28s} {p['target']:22s} {study.points[-1]['metric']:.4f}",
+              flush=True)
+    study.save()
+
+
+def _context(model_name: str, args):
+    from compressor.api import load_tokenizer
+
+    task = "glue:mrpc" if model_name == "fusion" else "glue:sst2"
+    return load_task(task, load_tokenizer(minilm_dir()), _config(args), data_dir=args.glue_dir)
 
 
 def bench(study: Study, args) -> None:
@@ -252,7 +276,9 @@ def main(argv=None):
     ap.add_argument("--heads", type=float, default=0.5)
     ap.add_argument("--structured", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5])
     ap.add_argument("--sparse-adapter", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.8, 0.95])
-    ap.add_argument("--models", default="fusion,single")
+    ap.add_argument("--models", default="fusion,single", help="which models to (re-)run: fusion, single, none")
+    ap.add_argument("--keep", action="store_true", help="keep the other models' points from --out/tradeoff.json "
+                    "(e.g. --models none --keep: re-time and re-render only)")
     ap.add_argument("--min-time", type=float, default=1.5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -263,10 +289,15 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     study = Study(args)
-    if "fusion" in args.models:
+    saved = args.out / "tradeoff.json"
+    if args.keep and saved.is_file():  # points of the models not re-run this time
+        study.points = [p for p in json.loads(saved.read_text())["points"]
+                        if p["model"] not in args.models.split(",") and "int8" not in p["method"]]
+    if "fusion" in args.models.split(","):
         run_fusion(study, args)
-    if "single" in args.models:
+    if "single" in args.models.split(","):
         run_single(study, args)
+    int8_points(study, args)
     bench(study, args)
     from tradeoff_report import write_report
     write_report(study.points, study.machine, args, args.out)

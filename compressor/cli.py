@@ -800,11 +800,12 @@ def demo(
 
         record = run_demo(out, config, overwrite=True, say=say)
         metric = record["main_metric"]
-        table = Table(title=f"{record['task']} dev ({record['dev_examples']} examples); CPU p50 latency at "
-                            f"{config.seq_len} tokens, {record['machine']['threads']} threads")
+        table = Table(title=f"{record['task']} dev ({record['dev_examples']} examples); ONNX size; onnxruntime CPU "
+                            f"p50 latency at batch b x {config.seq_len} tokens ({record['machine']['threads']} "
+                            "threads) and speedup over the unpruned model")
         batches = config.batch_sizes
-        for col in ["model", metric, "params", "ONNX MB"] + [f"p50 b{b} ms" for b in batches] + \
-                [f"speedup b{b}" for b in batches]:
+        for col in ["model", metric[:8], "params", "MB"] + [f"b{b} ms" for b in batches] + \
+                [f"b{b} gain" for b in batches]:
             table.add_column(col, justify="left" if col == "model" else "right")
         for r in record["rows"]:
             table.add_row(r["name"], f"{r['metrics'][metric]:.4f}", _fmt(r["parameters"]),

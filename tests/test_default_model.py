@@ -130,15 +130,15 @@ def test_default_model_prunes(default_model):
 
 @needs_glue
 def test_demo_runs_end_to_end_on_the_default(default_env, tmp_path):
-    from compressor.demo import DemoConfig, run_demo
+    from compressor.demo import DEMO_STAGES, DemoConfig, run_demo
 
     config = DemoConfig(data_dir=str(GLUE), steps=2, rounds=1, max_drop=1.0, examples=16, batch_sizes=[1, 2],
-                        seq_len=32, min_time_s=0.05, dev_examples=48)
+                        seq_len=32, min_time_s=0.05, dev_examples=48, recovery_steps=2)
     said = []
     record = run_demo(tmp_path / "demo", config, say=said.append)
     out = tmp_path / "demo"
-    assert len(said) == 7
-    assert [r["name"] for r in record["rows"]] == ["unpruned fusion", "pruned + compacted", "pruned + compacted, int8"]
+    assert len(said) == DEMO_STAGES == 8
+    assert [r["name"] for r in record["rows"]] == ["unpruned", "pruned", "pruned int8"]
     assert record["masks"]["adapters"] == {"kept": 12, "total": 48}
     assert record["masks"]["heads"] == {"kept": 54, "total": 72}
     unpruned, pruned, int8 = record["rows"]
@@ -152,7 +152,7 @@ def test_demo_runs_end_to_end_on_the_default(default_env, tmp_path):
         fp32 = {k: v for k, v in parity["max_abs_diff"].items() if "int8" not in k}
         assert fp32 and max(fp32.values()) <= 1e-4, fp32
     saved = json.loads((out / "demo.json").read_text())
-    assert saved["rows"][0]["name"] == "unpruned fusion" and "| unpruned fusion |" in (out / "demo.md").read_text()
+    assert saved["rows"][0]["name"] == "unpruned" and "| unpruned |" in (out / "demo.md").read_text()
     for path in ("masks/masks.json", "masks/model", "onnx-unpruned/model.onnx", "onnx-pruned/model.int8.onnx",
                  "bench/report.md"):
         assert (out / path).exists(), path

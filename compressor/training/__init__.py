@@ -3,5 +3,6 @@ head training. The same code runs on a CPU here and on several GPUs under `accel
 from .config import TrainConfig
 from .loop import evaluate, train
 from .objectives import TaskContext
+from .recovery import retrain_masked
 
-__all__ = ["TrainConfig", "train", "evaluate", "TaskContext"]
+__all__ = ["TrainConfig", "train", "evaluate", "TaskContext", "retrain_masked"]
