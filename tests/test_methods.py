@@ -221,14 +221,14 @@ def test_head_importance_masks_beat_random(planted, random_heads_accuracy):
     assert acc == 1.0 and acc >= random_heads_accuracy + 0.15
 
 
-def test_adapt_by_pruning_weights_beat_random(planted):
-    """Learned weight masks keep the task at 80% sparsity; random masks lose it. (With the default push every
-    score falls at Adam's step size until they cross zero together: the ranking at the stop comes from small
-    differences; it holds on this fixture seed, not on every one.)"""
-    ctx = signal_context(planted.tokenizer, max_steps=60)
-    ms = prune(planted.model, "adapt-by-pruning", {"weights": 0.8}, seed=SEED, data=ctx)
+@pytest.mark.parametrize("seed", [SEED, SEED + 1, SEED + 2])
+def test_adapt_by_pruning_weights_beat_random(planted, seed):
+    """Learned weight masks keep the task at 80% sparsity; random masks lose it, on every seed tried. (Before the
+    push was decoupled from Adam, every score fell at the same step and they crossed zero together.)"""
+    ctx = signal_context(planted.tokenizer, max_steps=80, seed=seed)
+    ms = prune(planted.model, "adapt-by-pruning", {"weights": 0.8}, seed=seed, data=ctx, options=dict(push=0.5))
     # training stopped when the learned scores reached the target; the final top-k meets it exactly
-    assert ms.extra["reached_target_in_training"] and ms.extra["train"]["steps"] < 60
+    assert ms.extra["reached_target_in_training"] and ms.extra["train"]["steps"] < 80
     assert ms.extra["pruned_fraction_at_stop"]["weights"] >= 0.8
     assert ms.counts()["weights"] == {"kept": 12928 - n_pruned(0.8, 12928), "total": 12928}
     rand = [accuracy(ctx, planted.model, random_global(planted.model, ms.masks, 0.8, s)) for s in range(3)]
@@ -438,7 +438,7 @@ def test_adapt_by_pruning_starts_with_everything_kept(model, planted, monkeypatc
 def test_adapt_by_pruning_pruned_head_recovers(model, planted, monkeypatch):
     """Construct a pruned connection that matters: after step 1 the planted heads' scores are set below zero
     (pruned, forward mask 0). The soft-slope backward still carries their loss gradient, which outweighs the push:
-    they come back, and the final mask keeps them."""
+    they come back."""
     layers = sorted(planted.keep)
     trace = []
     real = learned_masks.train
@@ -448,6 +448,7 @@ def test_adapt_by_pruning_pruned_head_recovers(model, planted, monkeypatch):
         assert len(thetas) == len(layers)
 
         def hook(step):
+            after_step(step)  # the method's push
             if step == 1:
                 with torch.no_grad():
                     for theta, key in zip(thetas, layers):
@@ -457,13 +458,24 @@ def test_adapt_by_pruning_pruned_head_recovers(model, planted, monkeypatch):
         return real(m, dataset, collate, loss, config, groups, after_step=hook, **kw)
 
     monkeypatch.setattr(learned_masks, "train", spy)
-    ctx = signal_context(planted.tokenizer, max_steps=60)
-    ms = prune(model, "adapt-by-pruning", {"heads": 0.75}, seed=SEED, data=ctx)
+    ctx = signal_context(planted.tokenizer, max_steps=120)
+    ms = prune(model, "adapt-by-pruning", {"heads": 0.75}, seed=SEED, data=ctx, options=dict(push=0.5))
     assert all(t < 0 for t in trace[0])  # pruned at step 1
-    assert all(t > 0 for t in trace[-1])  # back by the end
+    # back: kept again (theta > 0) at later steps; they then hover near zero (the loss pulls them up whenever they
+    # are pruned, the push down whenever they are kept) while the heads that do not matter sink
+    assert all(any(t[i] > 0 for t in trace[1:]) for i in range(len(layers)))
     assert ms.extra["reached_target_in_training"]
-    for key in layers:
-        assert ms.masks[key].nonzero().flatten().tolist() == list(planted.keep[key])
+    # (whether the final mask keeps them depends on what took over meanwhile: Adam moves a score with a small but
+    # steady gradient as fast as one with a large gradient; the unperturbed ranking is the test below)
+
+
+@pytest.mark.parametrize("seed", [SEED, SEED + 1, SEED + 2])
+def test_adapt_by_pruning_heads_find_the_planted_heads(planted, seed):
+    ctx = signal_context(planted.tokenizer, max_steps=120, seed=seed)
+    ms = prune(planted.model, "adapt-by-pruning", {"heads": 0.75}, seed=seed, data=ctx, options=dict(push=0.5))
+    assert ms.extra["reached_target_in_training"] and ms.extra["train"]["steps"] < 120
+    for key, heads in planted.keep.items():
+        assert ms.masks[key].nonzero().flatten().tolist() == list(heads), key
 
 
 # ----------------------------------------------------------------------------------------------- tamt, omp, imp
@@ -678,3 +690,4 @@ def test_a_kind_the_method_cannot_prune(model, ctx, method, kind):
 def test_sparse_adapter_prunes_one_kind_at_a_time(model, ctx):
     with pytest.raises(PruningConfigError, match="one kind at a time"):
         prune(model, "sparse-adapter", {"weights": 0.5, "bottleneck": 0.5}, data=ctx)
+

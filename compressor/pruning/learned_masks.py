@@ -5,6 +5,10 @@
   backward through the soft sigmoid(s theta), a constant push on theta towards pruning, positive
   initialisation (everything kept at first), pruned connections free to come back; training stops when the
   pruned fraction reaches the target, and the saved mask keeps exactly the top (1 - target) scores.
+  The scores learn with Adam and the push is applied after each step (decoupled, like AdamW's weight decay),
+  theta -= mask_lr * push. Added to the gradient instead, it would pass through Adam's per-coordinate
+  normalisation, which turns "gradient + push" into the same step for every score: they would all cross zero
+  together whatever the loss says (measured: a random-quality mask on SST-2).
 - `tamt` (Liu et al., "Learning to Win Lottery Tickets in BERT Transfer via Task-agnostic Mask Training",
   NAACL 2022): scores initialised from one-shot magnitude pruning (|w|, normalised per matrix), a per-matrix
   threshold keeping the target exactly, straight-through gradients to the scores, trained on a pretraining
@@ -103,9 +107,10 @@ def _freeze(model: nn.Module) -> None:
 class AdaptByPruningOptions:
     temperature: float = 1000.0  # forward: sigmoid(temperature * theta), nearly binary
     slope: float = 5.0  # backward: the gradient of sigmoid(slope * theta), soft
-    push: float = 0.02  # constant added to d loss / d theta every step, towards pruning
+    push: float = 0.1  # every step theta -= mask_lr * push, towards pruning (an untouched score crosses zero
+    #                    after init / (mask_lr * push) steps: 200 by default)
     init: float = 0.2  # positive initial theta: every connection starts kept
-    mask_lr: float = 0.01  # learning rate of the scores (the head uses --learning-rate)
+    mask_lr: float = 0.01  # Adam learning rate of the scores (the head uses --learning-rate)
 
     def __post_init__(self):
         if self.temperature <= 0 or self.slope <= 0 or self.init <= 0 or self.mask_lr <= 0:
@@ -140,10 +145,12 @@ class AdaptByPruning(PruningMethod):
             p.requires_grad_(True)
         totals = {kind: sum(u.size for u in units if u.kind == kind) for kind in cfg.sparsity}
 
+        thetas = learned.parameters()
+
+        @torch.no_grad()
         def push(step):
-            for theta in learned.parameters():
-                if theta.grad is not None:
-                    theta.grad.add_(opts.push)
+            for theta in thetas:
+                theta.sub_(opts.mask_lr * opts.push)
 
         def pruned_fraction(kind):
             return sum(int((learned.scores[u.key] <= 0).sum()) for u in units if u.kind == kind) / totals[kind]
@@ -151,11 +158,14 @@ class AdaptByPruning(PruningMethod):
         def reached(step):
             return all(pruned_fraction(k) >= f for k, f in cfg.sparsity.items())
 
-        groups = [dict(params=learned.parameters(), lr=opts.mask_lr, weight_decay=0.0)]
+        # the scores' learning rate follows the linear decay, the push does not: the loss decides early, and the push
+        # completes the pruning as the loss's pull fades (with Adam, a small but steady gradient moves a score as
+        # fast as a large one, so under a constant rate scores with push < 1 step may never fall)
+        groups = [dict(params=thetas, lr=opts.mask_lr, weight_decay=0.0)]
         if head:
             groups.append(dict(params=head))
         summary = train(model, data.train_set, data.collate, data.loss, data.config, groups, stage="masks",
-                        after_backward=push, should_stop=reached)
+                        after_step=push, should_stop=reached)
         fractions = {k: pruned_fraction(k) for k in cfg.sparsity}
         scores = {u.key: learned.scores[u.key].detach().cpu().clone() for u in units}
         learned.remove()
