@@ -160,7 +160,7 @@ def test_task_names_and_unknown_task(tmp_path, monkeypatch):
 
 
 def test_online_through_datasets(monkeypatch, tmp_path):
-    """No local directory -> datasets.load_dataset("glue", config), same label ids."""
+    """No local directory -> datasets.load_dataset("nyu-mll/glue", config), same label ids."""
     class Split(dict):
         pass
 
@@ -175,8 +175,8 @@ def test_online_through_datasets(monkeypatch, tmp_path):
     monkeypatch.delenv("COMPRESSOR_GLUE_DIR", raising=False)
     monkeypatch.chdir(tmp_path)  # no ../shared/data/glue from here
     data = load_data("glue:mnli")
-    assert calls == [("glue", "mnli")] and data.dev == [Example(("p", "h"), 0), Example(("q", "i"), 1)]
-    assert data.source["hf"] == ["glue", "mnli"]
+    assert calls == [("nyu-mll/glue", "mnli")] and data.dev == [Example(("p", "h"), 0), Example(("q", "i"), 1)]
+    assert data.source["hf"] == ["nyu-mll/glue", "mnli"]
 
     def offline(*name):
         raise ConnectionError("no network")

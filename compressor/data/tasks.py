@@ -14,6 +14,9 @@ from ..errors import DataError
 Column = Union[str, int]  # a header name, or a field index for files without a header (CoLA)
 
 
+# The Hub id of GLUE: the short name "glue" no longer resolves (the datasets moved to owner namespaces)
+HF_GLUE = "nyu-mll/glue"
+
 @dataclass(frozen=True)
 class TaskSpec:
     name: str
@@ -24,7 +27,7 @@ class TaskSpec:
     main_metric: str
     files: dict = field(default_factory=dict)  # split -> file name inside the task directory
     has_header: bool = True
-    hf_name: Optional[tuple] = None  # ("glue", config) for `datasets.load_dataset`
+    hf_name: Optional[tuple] = None  # (HF_GLUE, config) for `datasets.load_dataset`
     dir_name: Optional[str] = None  # GLUE directory name, e.g. "SST-2"
     hf_text_columns: tuple = ()  # the text columns of the `datasets` version (their names differ)
 
@@ -51,7 +54,7 @@ def _glue(name, dir_name, text_columns, label_column, label_list, metrics, main,
           has_header=True):
     return TaskSpec(name=name, text_columns=tuple(text_columns), label_column=label_column,
                     label_list=None if label_list is None else tuple(label_list), metrics=tuple(metrics),
-                    main_metric=main, files=dict(files), has_header=has_header, hf_name=("glue", name),
+                    main_metric=main, files=dict(files), has_header=has_header, hf_name=(HF_GLUE, name),
                     dir_name=dir_name, hf_text_columns=tuple(hf_text or text_columns))
 
 
