@@ -92,6 +92,7 @@ class Study:
     def save(self):
         (self.args.out / "tradeoff.json").write_text(json.dumps(dict(args={k: str(v) for k, v in
                                                                          vars(self.args).items()},
+                                                                    commands=self.commands,
                                                                     points=self.points), indent=1) + "\n")
 
 
@@ -165,12 +166,14 @@ def run_single(study: Study, args) -> None:
     for method, options in (("omp", {}), ("imp", dict(objective="kd", rate=0.25)), ("tamt", dict(objective="kd")),
                             ("adapt-by-pruning", {})):
         t = time.perf_counter()
-        ms = prune(model, method, {"weights": args.weights}, seed=args.seed, data=ctx, options=options)
+        steps = args.mask_steps if method == "adapt-by-pruning" else args.steps  # learns from everything kept
+        with budget(ctx, steps):
+            ms = prune(model, method, {"weights": args.weights}, seed=args.seed, data=ctx, options=options)
         m = masked_copy(ms.model if ms.model is not None else model, ms)
         probe(m, ctx, args.probe_steps)
+        notes = {k: ms.extra[k] for k in ("stopped_early", "reached_target_in_training") if k in ms.extra}
         study.add("single", f"{method} + probe", f"encoder weights={args.weights}", ctx, m, ms,
-                  graph=dense["onnx"], notes={k: ms.extra[k] for k in ("stopped_early", "reached_target_in_training")
-                                              if k in ms.extra}, start=t)
+                  graph=dense["onnx"], notes=dict(notes, train_steps=steps), start=t)
 
     # heads: a new adapter sized by layer importance (head pruning + adapters) vs importance alone vs random
     for method, options in (("head-importance", dict(adapter_width=24)), ("importance", dict(examples=256)),
@@ -269,6 +272,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--glue-dir", default=str(ROOT.parent.parent / "shared" / "data" / "glue"))
     ap.add_argument("--steps", type=int, default=30, help="training steps per method stage")
+    ap.add_argument("--mask-steps", type=int, default=200,
+                    help="adapt-by-pruning's budget: its scores start equal and need steps to separate")
     ap.add_argument("--probe-steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=128)
@@ -290,9 +295,13 @@ def main(argv=None):
     args.out.mkdir(parents=True, exist_ok=True)
     study = Study(args)
     saved = args.out / "tradeoff.json"
+    study.commands = []
     if args.keep and saved.is_file():  # points of the models not re-run this time
-        study.points = [p for p in json.loads(saved.read_text())["points"]
+        previous = json.loads(saved.read_text())
+        study.points = [p for p in previous["points"]
                         if p["model"] not in args.models.split(",") and "int8" not in p["method"]]
+        study.commands = previous.get("commands", [])
+    study.commands.append(f"python benchmarks/tradeoff.py {' '.join(sys.argv[1:] if argv is None else argv)}".strip())
     if "fusion" in args.models.split(","):
         run_fusion(study, args)
     if "single" in args.models.split(","):
@@ -300,7 +309,7 @@ def main(argv=None):
     int8_points(study, args)
     bench(study, args)
     from tradeoff_report import write_report
-    write_report(study.points, study.machine, args, args.out)
+    write_report(study.points, study.machine, args, args.out, study.commands)
 
 
 if __name__ == "__main__":

@@ -85,11 +85,13 @@ def goal(points) -> tuple:
     return best, bool(best and min(best["speedup"].values()) >= GOAL_SPEEDUP)
 
 
-def write_report(points, machine, args, out: Path) -> None:
+def write_report(points, machine, args, out: Path, commands=None) -> None:
+    commands = commands or [f"python benchmarks/tradeoff.py {' '.join(sys.argv[1:])}".strip()]
     lines = ["# Accuracy against ONNX CPU latency on the embedded default", "",
-             f"Command: `python benchmarks/tradeoff.py {' '.join(sys.argv[1:])}` · machine: "
+             f"Commands, in order: {', then '.join(f'`{c}`' for c in commands)} · machine: "
              f"{machine.get('processor')}, {machine.get('threads')} threads, onnxruntime {machine.get('onnxruntime')}"
-             f" · latency: onnxruntime CPU p50, 128 tokens · budgets: {args.steps} steps per training stage, head "
+             f" · latency: onnxruntime CPU p50, 128 tokens · budgets: {args.steps} steps per training stage "
+             f"({getattr(args, 'mask_steps', args.steps)} for adapt-by-pruning's mask learning), head "
              f"probe {args.probe_steps} steps, batch {args.batch_size}, seed {args.seed}. One seed: a point on MRPC's "
              "408 dev examples moves by 0.25 per example, so differences under about 2 points are noise.", ""]
     for model, title in MODELS.items():
