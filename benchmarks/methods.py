@@ -83,6 +83,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", default=None, help="comma-separated method names to run (default: all)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/methods.md"))
+    ap.add_argument("--merge", action="store_true", help="add to the rows already in --out's .json (same budgets "
+                    "required); rows this run repeats are replaced")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from transformers import AutoTokenizer
@@ -92,14 +94,17 @@ def main(argv=None):
     config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=1e-3,
                          max_length=args.max_length, seed=args.seed)
     only = set(args.only.split(",")) if args.only else None
-    results = []
     json_path = args.out.with_suffix(".json")
+    command = f"python benchmarks/methods.py {' '.join(sys.argv[1:] if argv is None else argv)}".strip()
+    results, commands = merged_rows(json_path, args) if args.merge else ([], [])
+    commands.append(command)
     for task in args.tasks.split(","):
         data = load_data(f"glue:{task}", seed=args.seed)
         ctx = TaskContext.build(data, tokenizer, config, max_train=args.train_examples, max_dev=args.dev_examples)
         m0 = ensure_head(drop_head(copy.deepcopy(base)), data.spec, seed=args.seed)  # a new head per task
         t0 = time.perf_counter()
         dense = probe(m0, ctx, args.probe_steps)
+        results = [r for r in results if (r["task"], r["method"]) != (task, "dense (probe)")]
         results.append(dict(task=task, group="dense", method="dense (probe)", sparsity=0.0, metric=dense,
                             seconds=round(time.perf_counter() - t0, 1)))
         print(task, "dense", dense, flush=True)
@@ -115,6 +120,8 @@ def main(argv=None):
                 apply_masks(model, ms)
                 metric = probe(model, ctx, args.probe_steps)
                 label = method + (f" ({options['criterion']})" if "criterion" in options else "")
+                results = [r for r in results if (r["task"], r["group"], r["method"], r["sparsity"]) !=
+                           (task, group, label, sparsity)]
                 row = dict(task=task, group=group, method=label, sparsity=sparsity, metric=metric,
                            counts=ms.counts(), seconds=round(time.perf_counter() - t0, 1),
                            notes={k: ms.extra[k] for k in ("stopped_early", "reached_target_in_training",
@@ -123,14 +130,33 @@ def main(argv=None):
                 print(task, group, label, sparsity, metric, row["seconds"], "s", flush=True)
                 json_path.parent.mkdir(parents=True, exist_ok=True)
                 json_path.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()},
-                                                     results=results), indent=1))
-    write_table(results, args, args.out)
+                                                     commands=commands, results=results), indent=1))
+    write_table(results, args, args.out, commands)
 
 
-def write_table(results, args, out: Path):
+BUDGET_ARGS = ("steps", "probe_steps", "batch_size", "max_length", "train_examples", "dev_examples", "seed")
+
+
+def merged_rows(json_path: Path, args) -> tuple:
+    """The rows and commands of an earlier run with the same budgets (so that rows compare)."""
+    if not json_path.is_file():
+        return [], []
+    saved = json.loads(json_path.read_text())
+    differ = [k for k in BUDGET_ARGS if saved["args"].get(k) != str(getattr(args, k))]
+    if differ:
+        sys.exit(f"--merge: {json_path} was made with other budgets ({', '.join(differ)}); "
+                 "re-run without --merge or with the same budgets")
+    old = f"python benchmarks/methods.py --tasks {saved['args']['tasks']} --sparsities {saved['args']['sparsities']}"
+    return saved["results"], saved.get("commands", [old])
+
+
+def write_table(results, args, out: Path, commands):
     tasks = list(dict.fromkeys(r["task"] for r in results))
+    order = {(g, m + (f" ({o['criterion']})" if "criterion" in o else "")): i for i, (g, _, m, o) in enumerate(PLAN)}
+    results = sorted(results, key=lambda r: (r["sparsity"], order.get((r["group"], r["method"]), -1)))
     lines = ["# Pruning methods on MiniLM + 8-adapter fusion, real GLUE dev data", "",
-             f"Command: `python benchmarks/methods.py {' '.join(sys.argv[1:])}`", "",
+             "Commands, in order (later rows replace earlier ones): "
+             + ", then ".join(f"`{c}`" for c in commands), "",
              f"Budgets: {args.steps} steps per training stage, head probe {args.probe_steps} steps, batch "
              f"{args.batch_size}, max length {args.max_length}, at most {args.train_examples} train and "
              f"{args.dev_examples} dev examples, seed {args.seed}. Dev metric: accuracy (MRPC also F1).", ""]
