@@ -500,6 +500,14 @@ def test_tamt_learns_masks_closer_to_the_dense_model_than_its_magnitude_start(mo
     assert kd_of(model, ctx, ms.masks) < 0.9 * kd_of(model, ctx, init)
 
 
+def test_tamt_masks_beat_random_at_the_same_sparsity(model, planted):
+    """Learned (from magnitude, on the task-agnostic KD objective) beats random on the task itself."""
+    ctx = signal_context(planted.tokenizer, max_steps=30)
+    ms = prune(model, "tamt", {"weights": 0.9}, seed=SEED, data=ctx, options=dict(objective="kd"))
+    rand = [accuracy(ctx, model, random_global(model, ms.masks, 0.9, s)) for s in range(3)]
+    assert accuracy(ctx, model, ms.masks) >= 0.95 > max(rand) + 0.2
+
+
 def test_omp_is_one_global_magnitude_ranking(model):
     ms = prune(model, "omp", {"weights": 0.6})
     assert ms.check(model) and all(encoder_weight(k) for k in ms.masks)
