@@ -25,6 +25,7 @@ import compressor
 from compressor.api import drop_head, model_source_dir
 from compressor.data import load_data
 from compressor.masks import apply_masks
+from compressor.default_model import default_version
 from compressor.pruning import prune
 from compressor.training import TaskContext, TrainConfig, train
 from compressor.training.heads import ensure_head, head_parameters
@@ -96,6 +97,7 @@ def main(argv=None):
     only = set(args.only.split(",")) if args.only else None
     json_path = args.out.with_suffix(".json")
     command = f"python benchmarks/methods.py {' '.join(sys.argv[1:] if argv is None else argv)}".strip()
+    args.model = default_version()  # rows of another default model do not compare
     results, commands = merged_rows(json_path, args) if args.merge else ([], [])
     commands.append(command)
     for task in args.tasks.split(","):
@@ -134,7 +136,7 @@ def main(argv=None):
     write_table(results, args, args.out, commands)
 
 
-BUDGET_ARGS = ("steps", "probe_steps", "batch_size", "max_length", "train_examples", "dev_examples", "seed")
+BUDGET_ARGS = ("model", "steps", "probe_steps", "batch_size", "max_length", "train_examples", "dev_examples", "seed")
 
 
 def merged_rows(json_path: Path, args) -> tuple:
@@ -144,7 +146,7 @@ def merged_rows(json_path: Path, args) -> tuple:
     saved = json.loads(json_path.read_text())
     differ = [k for k in BUDGET_ARGS if saved["args"].get(k) != str(getattr(args, k))]
     if differ:
-        sys.exit(f"--merge: {json_path} was made with other budgets ({', '.join(differ)}); "
+        sys.exit(f"--merge: {json_path} was made with another model or budgets ({', '.join(differ)}); "
                  "re-run without --merge or with the same budgets")
     old = f"python benchmarks/methods.py --tasks {saved['args']['tasks']} --sparsities {saved['args']['sparsities']}"
     return saved["results"], saved.get("commands", [old])
