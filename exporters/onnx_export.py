@@ -5,8 +5,8 @@ The output directory holds the graph to deploy (`model.onnx`), the compacted PyT
 tokenizer files, `parity.json` and `export.md`; optionally `model.int8.onnx` and `model.sparse.onnx`. It is
 written atomically: a failed export (parity included) leaves nothing behind.
 
-Opset 17: the first opset with a LayerNormalization operator (one node per norm, which onnxruntime's
-optimizer turns into SkipLayerNormalization), supported by onnxruntime >= 1.13 and TensorRT >= 8.6. The
+Opset 17: the first opset with a LayerNormalization operator (one node per norm; our optimisation leaves it
+unfused with its residual Add, see exporters/runtime.py), supported by onnxruntime >= 1.13 and TensorRT >= 8.6. The
 TorchScript exporter (`dynamo=False`) is used because onnxruntime's transformer optimizer fuses no attention
 in the dynamo exporter's output.
 """

@@ -53,10 +53,17 @@ def check_onnx_file(path) -> Path:
     return path
 
 
+# onnxruntime would fuse Add + LayerNormalization back into SkipLayerNormalization when it loads a graph; on the
+# CPU the fused kernel is the slower one, so CPU sessions turn that load-time fusion off (other providers keep it).
+# A graph that already holds SkipLayerNormalization nodes (e.g. optimum's) runs as it is.
+CPU_SESSION_FUSIONS_OFF = ["SkipLayerNormFusion"]
+
+
 def make_session(path, provider: str = "cpu", threads: Optional[int] = None, optimization: str = "all",
                  profile_prefix: Optional[str] = None):
     """An InferenceSession on one provider (CPU kept as fallback for ops the provider lacks), with intra-op
-    threads pinned when `threads` is given and inter-op threads at 1 (sequential execution). With
+    threads pinned when `threads` is given and inter-op threads at 1 (sequential execution), and on the CPU
+    without the load-time SkipLayerNormalization fusion (CPU_SESSION_FUSIONS_OFF). With
     `profile_prefix`, onnxruntime profiles every run into a JSON file of that prefix (see end_profiling)."""
     import onnxruntime as ort
 
@@ -74,7 +81,9 @@ def make_session(path, provider: str = "cpu", threads: Optional[int] = None, opt
     if profile_prefix:
         options.enable_profiling, options.profile_file_prefix = True, profile_prefix
     providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
+    disabled = CPU_SESSION_FUSIONS_OFF if name == "CPUExecutionProvider" else None
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers,
+                                    disabled_optimizers=disabled)
     except Exception as e:
         raise ExportError(f"onnxruntime could not load {path}: {str(e).splitlines()[0]}") from None

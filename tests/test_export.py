@@ -84,6 +84,30 @@ def test_one_fused_attention_per_layer_with_its_heads(exported):
     assert "| 1 | 1 | 1 | 1 | yes |" in (result.out / "export.md").read_text()
 
 
+def test_residual_layer_norms_stay_unfused_in_the_file_and_in_cpu_sessions(exported, tmp_path):
+    """The deploy graph keeps Add + LayerNormalization (the faster pair on the CPU); our CPU sessions switch off
+    onnxruntime's load-time SkipLayerNormFusion. Without that switch onnxruntime fuses them back in the RoBERTa
+    graphs (its fusion does not match these tiny BERT graphs; it does match the real MiniLM's)."""
+    import onnxruntime as ort
+
+    from exporters.runtime import CPU_SESSION_FUSIONS_OFF
+
+    (model_type, _, _), _, _, result = exported
+
+    def ops(path):
+        return [n.op_type for n in onnx.load(str(path)).graph.node]
+
+    assert "SkipLayerNormalization" not in ops(result.out / "model.onnx")
+    assert ops(result.out / "model.onnx").count("LayerNormalization") >= 4
+    for disabled, fused in ((CPU_SESSION_FUSIONS_OFF, False), (None, True)):
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(tmp_path / f"loaded-{fused}.onnx")
+        ort.InferenceSession(str(result.out / "model.onnx"), options, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=disabled)
+        if model_type == "roberta" or not fused:
+            assert ("SkipLayerNormalization" in ops(options.optimized_model_filepath)) is fused
+
+
 def test_single_adapter_fusion_and_empty_layer_were_compacted(exported):
     _, _, _, result = exported
     manifest = json.loads((result.out / "compress_manifest.json").read_text())
