@@ -45,3 +45,26 @@ class DataError(CompressorError):
 
 class TrainingError(CompressorError):
     """Bad training arguments or a checkpoint that cannot be resumed."""
+
+
+class OutputError(CompressorError):
+    """The output cannot be written there: not writable, a file in the way, or not ours to replace."""
+
+
+def as_user_error(exc: BaseException):
+    """A one-line CompressorError for an environment error raised while reading or writing files (a full disk, a
+    read-only directory, a file where a directory is needed), or None for a bug (which keeps its traceback)."""
+    if isinstance(exc, CompressorError):
+        return exc
+    if isinstance(exc, OSError):
+        import errno
+
+        where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        hint = {errno.ENOSPC: "free some space or choose another --out", errno.EROFS: "choose another --out",
+                errno.EACCES: "check the permissions", errno.EPERM: "check the permissions"}.get(exc.errno)
+        return OutputError(f"{reason}{where}" + (f": {hint}" if hint else ""))
+    if type(exc).__name__ == "SafetensorError":  # safetensors' Rust error: write failures (a full disk) or bad files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return OutputError(f"safetensors could not read or write a file: {first} (check free space and the file)")
+    return None

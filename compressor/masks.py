@@ -111,7 +111,10 @@ class MaskSet:
             if not (directory / name).is_file():
                 raise MaskError(f"{directory} is not a mask directory: {name} is missing")
         try:
-            meta = json.loads((directory / META_FILE).read_text())
+            meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise MaskError(f"{directory / META_FILE} is not UTF-8 text (byte {e.start}); it is corrupt or not a "
+                            "mask file: prune again") from e
         except json.JSONDecodeError as e:
             raise MaskError(f"{directory / META_FILE} is not valid JSON: {e}") from e
         if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION \

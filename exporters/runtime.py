@@ -44,7 +44,8 @@ def check_onnx_file(path) -> Path:
     """A readable ONNX model file, or ExportError in one line."""
     path = Path(path)
     if not path.is_file():
-        raise ExportError(f"{path} does not exist; give an .onnx file or an export directory")
+        what = "is a directory, not an .onnx file" if path.is_dir() else "does not exist"
+        raise ExportError(f"{path} {what}; give an .onnx file or an export directory")
     try:
         onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises DecodeError and others

@@ -85,10 +85,13 @@ def torch_runner(model: torch.nn.Module, output_name: str) -> Callable[[dict], d
 
 
 def session_runner(session) -> Callable[[dict], dict]:
+    """Feeds only the inputs the graph declares: the exporter drops an unused one (attention_mask when every
+    head of every layer is pruned, token_type_ids when nothing reads them)."""
     names = [o.name for o in session.get_outputs()]
+    declared = {i.name for i in session.get_inputs()}
 
     def run(feeds: dict) -> dict:
-        return dict(zip(names, session.run(None, feeds)))
+        return dict(zip(names, session.run(None, {k: v for k, v in feeds.items() if k in declared})))
     return run
 
 

@@ -66,3 +66,21 @@ def check_labels(spec: TaskSpec, num_labels: int) -> None:
         kind = "is a regression task (1 output)" if spec.is_regression else f"has {spec.num_labels}"
         raise DataError(f"the model's head has {num_labels} label{'s' if num_labels != 1 else ''}, {spec.ref} "
                         f"{kind}: train a new head with `compress train --train head`")
+
+
+def max_positions(model) -> int:
+    """How many tokens the model's position embeddings hold (RoBERTa-style models reserve padding_idx + 1)."""
+    config = model.base_model.config
+    n = getattr(config, "max_position_embeddings", None) or 0
+    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
+        n -= (config.pad_token_id or 0) + 1
+    return n
+
+
+def check_max_length(model, max_length: int) -> None:
+    """DataError, before any work, when --max-length exceeds what the model's position embeddings hold
+    (the forward would fail deep inside with an index error)."""
+    n = max_positions(model)
+    if n and max_length > n:
+        raise DataError(f"--max-length {max_length} is more than this model's {n} positions: pass --max-length "
+                        f"{n} or less")

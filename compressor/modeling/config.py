@@ -7,6 +7,7 @@ compute something different from AdapterHub is either implemented here or reject
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Union
 
@@ -44,6 +45,35 @@ _IGNORED = {
 }
 
 
+# Adapter and fusion names become module keys and file names: no '.', '/' or other path characters.
+# A fusion's name may list its adapters comma-separated, as AdapterHub names fusions.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+_FUSION_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*(,[A-Za-z0-9_][A-Za-z0-9_\-]*)*")
+
+
+def check_name(name: Any, what: str) -> str:
+    """An adapter / fusion / head name that is safe as a module key and as a directory name."""
+    pattern = _FUSION_NAME if what == "fusion" else _NAME
+    if not isinstance(name, str) or not pattern.fullmatch(name):
+        raise UnsupportedAdapterError(f"{what} name {name!r} is not allowed: use letters, digits, '_' and '-' "
+                                      "only (no '.', '/' or spaces); rename it in its config")
+    return name
+
+
+def _check_activation(name: Any, adapter: str) -> None:
+    from transformers.activations import ACT2FN
+
+    if name is None or (isinstance(name, str) and (name.lower() in ACT2FN or name.lower() == "leakyrelu")):
+        return
+    raise UnsupportedAdapterError(f"adapter '{adapter}': non_linearity={name!r} is not an activation AdapterHub "
+                                  f"knows; use one of relu, swish, gelu, tanh, leakyrelu ...")
+
+
+def _check_type(owner: str, key: str, value: Any, types: tuple, what: str) -> None:
+    if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+        raise UnsupportedAdapterError(f"{owner}: {key}={value!r} must be {what}")
+
+
 @dataclass
 class BottleneckConfig:
     """One bottleneck adapter: what it computes and where it sits."""
@@ -64,6 +94,11 @@ class BottleneckConfig:
 
     @classmethod
     def from_adapterhub(cls, raw: Union[str, Mapping[str, Any]], name: str = "?") -> "BottleneckConfig":
+        if name != "?":
+            check_name(name, "adapter")
+        if not isinstance(raw, (str, Mapping)):
+            raise UnsupportedAdapterError(f"adapter '{name}': its config must be a name or a JSON object, not "
+                                          f"{type(raw).__name__}")
         if isinstance(raw, str):
             if raw.lower() not in NAMED_ADAPTER_CONFIGS:
                 raise UnsupportedAdapterError(
@@ -86,6 +121,15 @@ class BottleneckConfig:
         return cfg
 
     def _validate(self, name: str) -> None:
+        owner = f"adapter '{name}'"
+        for key in ("mh_adapter", "output_adapter", "original_ln_before", "original_ln_after",
+                    "adapter_residual_before_ln", "ln_before", "ln_after", "use_gating"):
+            _check_type(owner, key, getattr(self, key), (bool,), "true or false")
+        _check_activation(self.non_linearity, name)
+        if not isinstance(self.leave_out, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.leave_out):
+            raise UnsupportedAdapterError(f"{owner}: leave_out={self.leave_out!r} must be a list of layer indices")
+        self.leave_out = list(self.leave_out)
         if self.residual_before_ln not in (True, False, "post_add"):
             raise UnsupportedAdapterError(f"adapter '{name}': residual_before_ln={self.residual_before_ln!r} is not supported")
         if self.residual_before_ln == "post_add" and not self.original_ln_before:
@@ -93,8 +137,11 @@ class BottleneckConfig:
         if not (isinstance(self.scaling, (int, float)) or self.scaling in ("learned", "channel")):
             raise UnsupportedAdapterError(f"adapter '{name}': scaling={self.scaling!r} is not supported")
         factors = self.reduction_factor.values() if isinstance(self.reduction_factor, Mapping) else [self.reduction_factor]
-        if not all(isinstance(f, (int, float)) and f > 0 for f in factors):
-            raise UnsupportedAdapterError(f"adapter '{name}': reduction_factor={self.reduction_factor!r} must be > 0")
+        if not all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in factors):
+            raise UnsupportedAdapterError(f"{owner}: reduction_factor={self.reduction_factor!r} must be a number "
+                                          "(or a mapping of layer to number), not text")
+        if not all(f > 0 for f in factors):
+            raise UnsupportedAdapterError(f"{owner}: reduction_factor={self.reduction_factor!r} must be > 0")
 
     def width(self, hidden_size: int, layer: int) -> int:
         """Bottleneck width as AdapterHub computes it: int(hidden // reduction_factor), at least 1."""
@@ -132,6 +179,11 @@ class FusionConfig:
 
     @classmethod
     def from_adapterhub(cls, raw: Union[str, Mapping[str, Any]], name: str = "?") -> "FusionConfig":
+        if name != "?":
+            check_name(name, "fusion")
+        if not isinstance(raw, (str, Mapping)):
+            raise UnsupportedAdapterError(f"fusion '{name}': its config must be a name or a JSON object, not "
+                                          f"{type(raw).__name__}")
         if isinstance(raw, str):
             if raw not in NAMED_FUSION_CONFIGS:
                 raise UnsupportedAdapterError(f"fusion '{name}': config '{raw}' is not supported; supported: dynamic, static")
@@ -141,6 +193,8 @@ class FusionConfig:
         unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
         if unknown:
             raise UnsupportedAdapterError(f"fusion '{name}': unknown option(s) {', '.join(unknown)}")
+        for key, value in raw.items():
+            _check_type(f"fusion '{name}'", key, value, (bool,), "true or false")
         return cls(**raw)
 
     def to_dict(self) -> dict:

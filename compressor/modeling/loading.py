@@ -24,6 +24,7 @@ from .architecture import (
     manifest_from_adapterhub, resolve_setup,
 )
 from .config import BottleneckConfig, FusionConfig
+from .manifest import validate_manifest
 
 MANIFEST_FILE = "compress_manifest.json"
 MODEL_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
@@ -49,16 +50,24 @@ def read_json(path: Path) -> dict:
 
 
 def read_weights(path: Path) -> dict:
-    """A state dict from a .safetensors file, or a .bin file loaded with weights_only=True."""
+    """A state dict from a .safetensors file, or a .bin / .pt file loaded with weights_only=True."""
+    import pickle
+    import warnings
+
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # safetensors and torch raise many types for a corrupt or unsafe file
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing them
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # never repeat torch's advice to retry with weights_only=False
+        raise ModelLoadError(f"refusing to load {path}: it is a pickle holding more than tensors, which could run "
+                             "code; only plain tensors are loaded. Re-save the weights with safetensors") from e
+    except Exception as e:  # safetensors and torch raise many types for a corrupt file
         raise ModelLoadError(
-            f"cannot read weights from {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-            "(is the file complete? .bin files are loaded with weights_only=True; re-save with safetensors)"
+            f"cannot read weights from {path}: {type(e).__name__}: {_first_line(e)} "
+            "(is the file complete? re-save it with safetensors)"
         ) from e
 
 
@@ -74,18 +83,20 @@ def load_model(path=None, adapters: Optional[Sequence] = None, fusion=None, setu
     """Load a model for pruning, compaction and export.
 
     path: a transformers encoder directory (BERT, RoBERTa; with or without a sequence-classification head), an
-        AdapterHub full-model directory, or a directory written by `compress compact`. None: the embedded default.
+        AdapterHub full-model directory, or a directory written by `compress compact` (required:
+        compressor.load_default_model() loads the embedded default).
     adapters: AdapterHub adapter directories to add to a base model. fusion: an AdapterHub fusion directory.
     setup: which adapter or fusion to run (default: the only fusion, else the only adapter).
     head: which AdapterHub prediction head to use (default: the only one).
     Returns an nn.Module in eval mode whose output has `.logits` (with a head) or `.last_hidden_state`.
     """
-    if path is None:
-        from ..default_model import default_model_dir
-        path = default_model_dir()
+    if path is None:  # the default is chosen at the edge (compressor.api.load_default_model), not here
+        raise ModelLoadError("load_model needs a model directory; for the embedded default use "
+                             "compressor.load_default_model()")
     path = Path(path)
     if not path.is_dir():
-        raise ModelLoadError(f"model directory {path} does not exist")
+        what = "is a file, not a model directory" if path.exists() else "does not exist"
+        raise ModelLoadError(f"model directory {path} {what}: give the directory that holds config.json")
     if (path / MANIFEST_FILE).is_file():
         if adapters or fusion:
             raise ModelLoadError(f"{path} is a compacted model: it cannot take extra adapters or fusions")
@@ -224,7 +235,7 @@ def _load_base(path: Path, config, model_class: str, full_state: dict) -> nn.Mod
     try:
         return cls.from_pretrained(path, config=config, attn_implementation="eager", **kwargs)
     except Exception as e:
-        raise ModelLoadError(f"transformers cannot load the base model in {path}: {str(e).splitlines()[0]}") from e
+        raise ModelLoadError(f"transformers cannot load the base model in {path}: {_error_detail(e)}") from e
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -258,10 +269,30 @@ def load_compacted(path: Path) -> nn.Module:
         raise ModelLoadError(f"{path / MANIFEST_FILE} is not a compressor manifest")
     config = _auto_config(path)
     check_base_config(config)
+    validate_manifest(manifest, config.num_hidden_layers, path / MANIFEST_FILE)
     state = read_weights(find_weights(path, ("model.safetensors",), "model"))
-    model = empty_model(config, manifest)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        model = empty_model(config, manifest)
+        result = model.load_state_dict(state, strict=False)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a field the checks above do not cover
+        raise ModelLoadError(f"{path}: the weights or {MANIFEST_FILE} do not fit together ({type(e).__name__}: "
+                             f"{_first_line(e)}); re-run compress compact on the original model") from e
     if result.missing_keys or result.unexpected_keys:
         bad = (result.missing_keys or result.unexpected_keys)[0]
         raise ModelLoadError(f"{path}/model.safetensors does not match its manifest (e.g. {bad}); re-run compress compact")
     return model.eval()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _error_detail(e: BaseException) -> str:
+    """The first line of an error and, for torch's "Error(s) in loading state_dict", the first reason below it
+    (the size mismatch that says which tensor is wrong)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    reason = next((line for line in lines[1:] if "size mismatch" in line or "Missing key" in line), None)
+    return f"{lines[0]} {reason}" if reason else lines[0]
