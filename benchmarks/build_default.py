@@ -126,7 +126,7 @@ def package(work: Path, out: Path, glue: Path) -> None:
 def _packaged_score(package_dir: Path, work: Path, glue: Path) -> dict:
     """The shipped (fp16-rounded) default's dev metrics, read back the way users load it."""
     from compressor.api import load_task, load_tokenizer
-    from compressor.modeling import load_model
+    from compressor import load_model
 
     full = build_default_model(work / "packaged-check", weights=package_dir, overwrite=True)
     model = load_model(full)

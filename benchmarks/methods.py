@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 import compressor
-from compressor.api import drop_head, model_source_dir
+from compressor.api import drop_head
 from compressor.data import load_data
 from compressor.masks import apply_masks
-from compressor.default_model import default_version
+from compressor.default_model import default_model_dir, default_version
 from compressor.pruning import prune
 from compressor.training import TaskContext, TrainConfig, train
 from compressor.training.heads import ensure_head, head_parameters
@@ -88,10 +88,8 @@ def main(argv=None):
                     "required); rows this run repeats are replaced")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_source_dir(None))
-    base = compressor.load_model()
+    tokenizer = compressor.load_tokenizer(default_model_dir())
+    base = compressor.load_default_model()
     config = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=1e-3,
                          max_length=args.max_length, seed=args.seed)
     only = set(args.only.split(",")) if args.only else None

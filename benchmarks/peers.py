@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 import compressor
-from compressor.api import model_source_dir
+from compressor.default_model import default_model_dir
 from compressor.flops import total_cost
 from compressor.pruning import prune
 from exporters.bench import BenchConfig, run_bench
@@ -59,12 +59,12 @@ def main():
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
 
-    model = compressor.load_model()
+    model = compressor.load_default_model()
     masks = prune(model, "random", SPARSITY, seed=0)
     work = Path(tempfile.mkdtemp(prefix="peers-"))
     try:
         eager = work / "pytorch-eager-unpruned"
-        eager.symlink_to(model_source_dir(None), target_is_directory=True)
+        eager.symlink_to(default_model_dir(), target_is_directory=True)
         optimum_path, optimum_error = optimum_peer(model, work)
         ours = export_onnx(model, work / "ours-unpruned", None, ExportConfig(seed=0))
         compacted = export_onnx(model, work / "ours-compacted", masks, ExportConfig(quantize="int8", seed=0))

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT.parent))
 from compressor.api import load_task  # noqa: E402
 from compressor.default_model import PACKAGED, default_model_dir, minilm_dir  # noqa: E402
 from compressor.masks import MaskSet, masked_copy  # noqa: E402
-from compressor.modeling import load_model  # noqa: E402
+from compressor import load_model  # noqa: E402
 from compressor.pruning import prune  # noqa: E402
 from compressor.training import TrainConfig, retrain_masked, train  # noqa: E402
 from compressor.training.heads import head_parameters  # noqa: E402

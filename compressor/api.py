@@ -1,30 +1,118 @@
-"""Library entry points behind the CLI commands: one function per command."""
+"""The library surface: one function per `compress` command. Each takes a request dataclass (its fields are the
+command's options, see `compressor.requests`) and an optional `progress(text)` callback, does all the work (model
+source, masks, tokenizer, data, checks, writing) and returns a result dataclass holding what the command prints.
+
+    from compressor import PruneRequest, prune
+    result = prune(PruneRequest(model="my-model", sparsity={"heads": 0.5}, out="masks"))
+
+Every check that can fail runs before any work; errors are CompressorError subclasses with a one-line message."""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import nn
 
-from .compaction import compact, write_compacted
-from .io import atomic_output_dir
+from .compaction import TOKENIZER_FILES, write_compacted
+from .compaction import compact as compact_model
+from .io import atomic_output_dir, atomic_write_json, check_output_dir, check_output_file
 from .masks import MaskSet
+from .requests import (
+    BenchRequest, BenchResult, CompactRequest, CompactResult, DemoRequest, DemoResult, EvalRequest, EvalResult,
+    ExportRequest, ExportResult, InspectRequest, InspectResult, ModelOptions, PruneRequest, PruneResult,
+    TrainRequest, TrainResult,
+)
 
+Progress = Optional[Callable[[str], None]]
+
+TRAINED_MODEL_DIR = "model"  # where `compress prune` writes the trained model beside the masks
+TRAIN_RECORD = "train.json"
+TOKENIZER_FIX = "pass --tokenizer NAME_OR_DIR (a directory or hub name of its base checkpoint's tokenizer)"
+
+
+def _say(progress: Progress) -> Callable[[str], None]:
+    return progress or (lambda _text: None)
+
+
+# ----------------------------------------------------------------------------------------------- models
 
 def model_source_dir(source) -> Path:
-    """Where a model (and its tokenizer files) came from; None is the embedded default."""
+    """Where a model (and its tokenizer files) comes from: `source`, or the embedded default for None."""
     if source is None:
         from .default_model import default_model_dir
         return default_model_dir()
     return Path(source)
 
 
+def load_default_model(adapters=None, fusion=None, setup: Optional[str] = None, head: Optional[str] = None):
+    """The embedded default (all-MiniLM-L6-v2 + eight adapters + their fusion), built into the cache on first use."""
+    from .modeling import load_model
+
+    return load_model(model_source_dir(None), adapters=adapters, fusion=fusion, setup=setup, head=head)
+
+
+def _load(req: ModelOptions, progress: Progress) -> tuple:
+    """(model, the directory it came from)."""
+    from .modeling import load_model
+
+    _say(progress)("loading model")
+    source = model_source_dir(req.model)
+    return load_model(source, adapters=list(req.adapters or ()) or None, fusion=req.fusion, setup=req.setup,
+                      head=req.head), source
+
+
+def _load_with_masks(req: ModelOptions, masks, progress: Progress) -> tuple:
+    """(model, MaskSet or None, the directory the model and its tokenizer come from, notes). Masks whose method
+    trained weights belong to the trained model saved with them (masks.json `trained_model`): that model is
+    loaded instead of MODEL."""
+    from .modeling import load_model
+
+    maskset, trained = read_masks(masks) if masks is not None else (None, None)
+    if trained is None:
+        model, source = _load(req, progress)
+        return model, maskset, source, []
+    ignored = [name for name, value in (("MODEL", req.model), ("--adapter", req.adapters), ("--fusion", req.fusion),
+                                        ("--setup", req.setup), ("--head", req.head)) if value]
+    notes = [f"the masks belong to the model trained with them: using {trained}, not {', '.join(ignored)}"] \
+        if ignored else []
+    _say(progress)("loading model")
+    return load_model(trained), maskset, trained, notes
+
+
+def _inputs(req, *extra) -> list:
+    """Every input path of a request: `--overwrite` may not replace any of them."""
+    paths = [getattr(req, "model", None), *(getattr(req, "adapters", None) or ()), getattr(req, "fusion", None),
+             getattr(req, "masks", None), getattr(req, "checkpoint_dir", None), getattr(req, "data_dir", None), *extra]
+    for name in ("data", "tokenizer"):
+        value = getattr(req, name, None)
+        if value is not None and Path(str(value)).exists():
+            paths.append(value)
+    return [Path(p) for p in paths if p is not None]
+
+
+DEFAULT_MAX_LENGTH = 128
+
+
+def _max_length(model: nn.Module, requested: Optional[int]) -> int:
+    """--max-length checked against the model's position embeddings; None: 128, or fewer when the model holds
+    fewer positions."""
+    from .data.encode import check_max_length, max_positions
+
+    if requested is None:
+        return min(DEFAULT_MAX_LENGTH, max_positions(model) or DEFAULT_MAX_LENGTH)
+    check_max_length(model, requested)
+    return requested
+
+
 def compact_to_dir(model: nn.Module, maskset: Optional[MaskSet], out, overwrite: bool = False,
-                   adapterhub: bool = False, source=None) -> nn.Module:
-    """Compact `model` under `maskset` and write it to `out` (and `out/adapterhub` in AdapterHub's format)."""
-    compacted = compact(model, maskset)
-    with atomic_output_dir(out, overwrite) as tmp:
+                   adapterhub: bool = False, source=None, inputs=()) -> nn.Module:
+    """Compact `model` under `maskset` and write it to `out` (and `out/adapterhub` in AdapterHub's format), with
+    the tokenizer files of the directory `source` (None: the default's)."""
+    compacted = compact_model(model, maskset)
+    with atomic_output_dir(out, overwrite, inputs=inputs) as tmp:
         write_compacted(compacted, tmp, tokenizer_dir=model_source_dir(source))
         if adapterhub:
             from .adapterhub_export import write_adapterhub
@@ -32,35 +120,113 @@ def compact_to_dir(model: nn.Module, maskset: Optional[MaskSet], out, overwrite:
     return compacted
 
 
-# ----------------------------------------------------------------------------------------------- data and tokenizer
+# ----------------------------------------------------------------------------------------------- tokenizer and data
 
-TRAINED_MODEL_DIR = "model"  # where `compress prune` writes the trained model beside the masks
-TRAIN_RECORD = "train.json"
+def _has_tokenizer_files(directory: Path) -> bool:
+    return any((directory / name).is_file() for name in TOKENIZER_FILES)
 
 
-def load_tokenizer(model_dir, model: Optional[nn.Module] = None):
-    """The tokenizer saved in `model_dir` (AutoTokenizer); a clear error when the directory has none, or when
-    its vocabulary does not fit `model`'s embeddings."""
-    from .compaction import TOKENIZER_FILES
-    from .errors import ModelLoadError
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
-    model_dir = Path(model_dir)
-    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
-        raise ModelLoadError(f"{model_dir} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): save the "
-                             "tokenizer of its base checkpoint into it (tokenizer.save_pretrained(DIR))")
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", "..") or Path(name).is_absolute()
+
+
+def load_tokenizer(model_dir, model: Optional[nn.Module] = None, tokenizer: Optional[str] = None):
+    """The tokenizer for a model (AutoTokenizer, never remote code): from `tokenizer` when given (a local
+    directory first; a hub name only when it is not a local path), else the one saved in `model_dir`. A clear
+    error when there is none, or when its vocabulary does not fit `model`'s embeddings."""
     from transformers import AutoTokenizer
 
+    from .errors import ModelLoadError
+
+    if tokenizer is not None:
+        name = str(tokenizer)
+        local = Path(name).expanduser()
+        if local.exists():
+            if not local.is_dir() or not _has_tokenizer_files(local):
+                raise ModelLoadError(f"--tokenizer {name}: no tokenizer files there (none of "
+                                     f"{', '.join(TOKENIZER_FILES)}); give a tokenizer directory or hub name")
+            where = str(local)
+        elif _looks_like_path(name):
+            raise ModelLoadError(f"--tokenizer {name}: no such directory")
+        else:
+            return _check_vocab(_hub_tokenizer(name), model, f"--tokenizer {name}")
+    else:
+        model_dir = Path(model_dir)
+        if not _has_tokenizer_files(model_dir):
+            raise ModelLoadError(f"{model_dir} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): "
+                                 f"{TOKENIZER_FIX}")
+        where, name = str(model_dir), None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    except Exception as e:  # transformers raises many types for broken tokenizer files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ModelLoadError(f"cannot load the tokenizer in {model_dir}: {type(e).__name__}: {first}") from e
+        loaded = AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises many types for broken files
+        what = f"--tokenizer {name}" if name is not None else f"the tokenizer in {where}"
+        raise ModelLoadError(f"cannot load {what}: {_first_line(e)}") from e
+    return _check_vocab(loaded, model, f"--tokenizer {name}" if name else f"in {where}")
+
+
+def _check_vocab(tokenizer, model: Optional[nn.Module], what: str):
+    from .errors import ModelLoadError
+
     if model is not None:
         vocab = model.base_model.config.vocab_size
         if len(tokenizer) > vocab:
-            raise ModelLoadError(f"the tokenizer in {model_dir} has {len(tokenizer)} tokens, the model's embeddings "
-                                 f"only {vocab}: they do not belong together")
+            raise ModelLoadError(f"the tokenizer {what} has {len(tokenizer)} tokens, the model's embeddings only "
+                                 f"{vocab}: they do not belong together")
     return tokenizer
+
+
+def _hub_tokenizer(name: str):
+    """A tokenizer by hub name: from the local Hugging Face cache, else downloaded; offline, one clear error
+    at once (no minute of retries)."""
+    import logging
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+    from transformers import AutoTokenizer
+
+    from .errors import ModelLoadError
+
+    with contextlib.suppress(Exception):  # the cache first: works offline
+        return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    fix = "pass a local tokenizer directory to --tokenizer"
+    if constants.HF_HUB_OFFLINE:
+        raise ModelLoadError(f"--tokenizer {name}: not a local directory nor in the Hugging Face cache, and "
+                             f"HF_HUB_OFFLINE is set: {fix}")
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        raise ModelLoadError(f"--tokenizer {name}: not a local directory nor in the Hugging Face cache, and {host} "
+                             f"cannot be reached: {fix}") from None
+    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "transformers")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)  # no retry chatter: the error below says it in one line
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
+    except Exception as e:  # not found, gated, unreachable
+        raise ModelLoadError(f"cannot load --tokenizer {name} from {host}: {_first_line(e)}; {fix}") from e
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _tokenizer_dir(stack: contextlib.ExitStack, tokenizer, source: Path) -> Path:
+    """The directory whose tokenizer files go with the outputs: `tokenizer` (loaded from --tokenizer) saved into
+    a temporary directory, or the model's own directory."""
+    if tokenizer is None:
+        return source
+    import tempfile
+
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="compress-tokenizer-")))
+    tokenizer.save_pretrained(str(tmp))
+    return tmp
 
 
 def load_task(data, tokenizer, config=None, data_dir=None, task=None, text_columns=None, label_column=None,
@@ -72,6 +238,102 @@ def load_task(data, tokenizer, config=None, data_dir=None, task=None, text_colum
 
     task_data = load_data(data, data_dir=data_dir, task=task, text_columns=text_columns, label_column=label_column)
     return TaskContext.build(task_data, tokenizer, config, max_train=max_train, max_dev=max_dev)
+
+
+def _load_task(req, tokenizer, config, max_train, max_dev, progress: Progress):
+    _say(progress)("reading data")
+    return load_task(req.data, tokenizer, config, data_dir=req.data_dir, task=req.task,
+                     text_columns=req.text_columns, label_column=req.label_column, max_train=max_train,
+                     max_dev=max_dev)
+
+
+def train_config(req, seed: int = 0, **extra):
+    """The training.TrainConfig of a request's training budget."""
+    from .training import TrainConfig
+
+    return TrainConfig(max_steps=req.max_steps, epochs=req.epochs, batch_size=req.batch_size,
+                       learning_rate=req.learning_rate, max_length=req.max_length or DEFAULT_MAX_LENGTH, seed=seed,
+                       resume=req.resume,
+                       checkpoint_dir=str(req.checkpoint_dir) if req.checkpoint_dir is not None else None, **extra)
+
+
+# ----------------------------------------------------------------------------------------------- method options
+
+# the CLI flag of each method option that has one; any other is `--option KEY=VALUE`
+METHOD_FLAGS = {"criterion": "--criterion", "rounds": "--rounds", "rewind_step": "--rewind-step",
+                "max_drop": "--max-drop", "widen": "--widen", "objective": "--objective", "examples": "--examples",
+                "adapter_width": "--adapter-width"}
+
+
+def method_options_help(cls) -> str:
+    """A method's options as the CLI spells them, e.g. '--rounds, --option train=V'."""
+    fields = list(cls.Options.__dataclass_fields__)
+    return ", ".join(METHOD_FLAGS.get(f, f"--option {f}=V") for f in fields) or "none"
+
+
+def _convert_option(method: str, key: str, raw: str, field):
+    """An `--option KEY=VALUE` string as the type of the method option's default (or its annotation)."""
+    from dataclasses import MISSING
+
+    from .errors import PruningConfigError
+
+    default = field.default if field.default is not MISSING else None
+    kind = type(default).__name__ if default is not None else str(field.type).replace("Optional[", "").rstrip("]")
+    try:
+        if kind == "bool":
+            low = raw.strip().lower()
+            if low not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                raise ValueError
+            return low in ("true", "1", "yes", "on")
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise PruningConfigError(f"--option {key}={raw}: {method}'s option {key} takes a {kind}") from None
+    return raw
+
+
+def method_options(method: str, flags: dict, raw=()) -> dict:
+    """The method options given (`flags` whose value is not None, plus `raw`: "KEY=VALUE" strings or a mapping),
+    checked against the method's Options; a method without one of them is an error listing the options it has.
+    The one place where method options are parsed and validated."""
+    from .errors import PruningConfigError
+    from .pruning import METHODS
+
+    cls = METHODS.get_or_fail(method)
+    fields = cls.Options.__dataclass_fields__
+    given = {key: value for key, value in flags.items() if value is not None}
+    origin = {key: METHOD_FLAGS.get(key, f"--option {key}") for key in given}
+    items = [(str(k), v, f"{k}={v}", False) for k, v in raw.items()] if hasattr(raw, "items") else \
+        [(*str(item).partition("=")[::2], str(item), not str(item).partition("=")[1]) for item in raw or ()]
+    for key, value, item, no_sep in items:
+        key = key.strip().replace("-", "_")
+        if no_sep or not key:
+            raise PruningConfigError(f"--option takes KEY=VALUE, got {item!r}")
+        if key in given:
+            raise PruningConfigError(f"option {key} is given twice ({origin[key]} and --option {item})")
+        origin[key] = f"--option {item}"
+        if isinstance(value, str) and key in fields:
+            value = _convert_option(method, key, value, fields[key])
+        given[key] = value
+    unknown = [key for key in given if key not in fields]
+    if unknown:
+        raise PruningConfigError(f"method '{method}' has no option {origin[unknown[0]]} (its options: "
+                                 f"{method_options_help(cls)})")
+    return given
+
+
+# ----------------------------------------------------------------------------------------------- inspect
+
+def inspect(req: InspectRequest, progress: Progress = None) -> InspectResult:
+    """`compress inspect`: layers, heads, FFN widths, adapters, fusions, parameters and FLOPs per token."""
+    from .flops import layer_costs, total_cost
+
+    model, _ = _load(req, progress)
+    return InspectResult(model_class=type(model).__name__, setup=model.compress_manifest.get("setup"),
+                         seq_len=req.seq_len, layers=layer_costs(model, req.seq_len),
+                         total=total_cost(model, req.seq_len))
 
 
 # ----------------------------------------------------------------------------------------------- prune
@@ -91,14 +353,80 @@ def check_prune_args(method: str, sparsity: dict, seed: int = 0, min_keep: int =
     return cls
 
 
-def save_prune_result(maskset: MaskSet, out, overwrite: bool = False, tokenizer_dir=None) -> Path:
+def prune(req: PruneRequest, progress: Progress = None) -> PruneResult:
+    """`compress prune`: score units and write a MaskSet to `req.out` (and the trained model to OUT/model when the
+    method trains weights, with the tokenizer used)."""
+    from .pruning import parse_sparsity
+    from .pruning import prune as run_prune
+
+    say = _say(progress)
+    sparsity = req.sparsity
+    fractions = parse_sparsity([f"{k}={v}" for k, v in sparsity.items()] if hasattr(sparsity, "items")
+                               else ([sparsity] if isinstance(sparsity, str) else sparsity))
+    flags = {key: getattr(req, key) for key in METHOD_FLAGS}
+    options = method_options(req.method, flags, req.options)
+    min_keep = 0 if req.allow_empty else 1
+    check_prune_args(req.method, fractions, seed=req.seed, min_keep=min_keep, options=options,
+                     has_data=req.data is not None)
+    config = train_config(req, seed=req.seed)
+    inputs = _inputs(req)
+    check_output_dir(req.out, req.overwrite, inputs=inputs)
+    model, source = _load(req, progress)
+    ctx, tokenizer = None, None
+    if req.data is not None or req.tokenizer is not None:
+        tokenizer = load_tokenizer(source, model, req.tokenizer)
+    if req.data is not None:
+        config = replace(config, max_length=_max_length(model, req.max_length))
+        ctx = _load_task(req, tokenizer, config, req.max_train_examples, req.max_dev_examples, progress)
+    say(f"pruning ({req.method})")
+    masks = run_prune(model, req.method, fractions, seed=req.seed, min_keep=min_keep, data=ctx, options=options)
+    say("writing")
+    with contextlib.ExitStack() as stack:
+        tokenizer_dir = _tokenizer_dir(stack, tokenizer if req.tokenizer is not None else None, source)
+        save_prune_result(masks, req.out, overwrite=req.overwrite, tokenizer_dir=tokenizer_dir, inputs=inputs)
+    return _prune_result(req, masks, ctx)
+
+
+def _prune_result(req: PruneRequest, masks: MaskSet, ctx) -> PruneResult:
+    from .masks import META_FILE, TENSORS_FILE
+
+    out = Path(req.out)
+    groups = {}
+    for key in masks.masks:
+        groups[masks.kind_of(key)] = groups.get(masks.kind_of(key), 0) + 1
+    extra = masks.extra
+    main = ctx.spec.main_metric if ctx is not None else "metric"
+    rows = [(f"{main}, dense", extra["dense_metric"])] if extra.get("dense_metric") is not None else []
+    dev = extra.get("dev_metrics") or {}
+    if extra.get("metric") is not None and main not in dev:
+        rows.append((f"{main}, pruned", extra["metric"]))
+    rows += [(f"{name}, pruned", value) for name, value in dev.items()]
+    trained = out / TRAINED_MODEL_DIR if masks.model is not None else None
+    return PruneResult(out=out, method=req.method, seed=req.seed, masks=masks, groups=groups, counts=masks.counts(),
+                       metrics=rows, task=ctx.spec.ref if ctx is not None else None,
+                       dev_examples=len(ctx.dev_set) if ctx is not None else None,
+                       stopped_early=str(extra["stopped_early"]) if extra.get("stopped_early") else None,
+                       trained_model=trained,
+                       files=[out / TENSORS_FILE, out / META_FILE] + ([trained] if trained is not None else []))
+
+
+def _main_process() -> bool:
+    """False on the other processes of an `accelerate launch` run: they hold the same model, one process writes."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def save_prune_result(maskset: MaskSet, out, overwrite: bool = False, tokenizer_dir=None, inputs=()) -> Path:
     """Write the mask directory and, when the method trained weights (`maskset.model`), the trained model in
     OUT/model (reloadable, with the tokenizer files of `tokenizer_dir`), recorded in masks.json as
     `trained_model`. Both appear together or not at all."""
     if maskset.model is not None:
         maskset.check(maskset.model)  # the masks belong to the trained model: a method bug otherwise
         maskset.extra["trained_model"] = TRAINED_MODEL_DIR
-    with atomic_output_dir(out, overwrite) as tmp:
+    if not _main_process():
+        return Path(out)
+    with atomic_output_dir(out, overwrite, inputs=inputs) as tmp:
         maskset.write(tmp)
         if maskset.model is not None:
             (tmp / TRAINED_MODEL_DIR).mkdir()
@@ -108,21 +436,84 @@ def save_prune_result(maskset: MaskSet, out, overwrite: bool = False, tokenizer_
 
 def read_masks(masks_dir) -> tuple:
     """(MaskSet, the directory of the trained model the masks belong to, or None when they belong to the
-    model they were made from)."""
+    model they were made from). The trained model must lie inside the mask directory, symlinks resolved."""
     from .errors import MaskError
 
     maskset = MaskSet.load(masks_dir)
     rel = maskset.extra.get("trained_model")
     if rel is None:
         return maskset, None
+    where = Path(masks_dir) / "masks.json"
     if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
-        raise MaskError(f"{Path(masks_dir) / 'masks.json'}: trained_model must name a directory inside the mask "
-                        f"directory, got {rel!r}")
+        raise MaskError(f"{where}: trained_model must name a directory inside the mask directory, got {rel!r}")
     path = Path(masks_dir) / rel
+    root = Path(masks_dir).resolve()
+    resolved = path.resolve()
+    if resolved != root and root not in resolved.parents:
+        raise MaskError(f"{where}: trained_model {rel!r} leads out of the mask directory (to {resolved}); refusing "
+                        "to load a model from there: copy the trained model into the mask directory")
     if not path.is_dir():
         raise MaskError(f"the masks in {masks_dir} belong to the trained model in {path}, which is missing: copy "
                         "the whole mask directory")
     return maskset, path
+
+
+# ----------------------------------------------------------------------------------------------- compact
+
+def compact(req: CompactRequest, progress: Progress = None) -> CompactResult:
+    """`compress compact`: physically remove what the masks prune; writes a model directory that reloads, with
+    the tokenizer (of --tokenizer, else the model's own files)."""
+    from .flops import total_cost
+
+    check_output_dir(req.out, req.overwrite, inputs=_inputs(req))
+    model, maskset, source, notes = _load_with_masks(req, req.masks, progress)
+    tokenizer = load_tokenizer(source, model, req.tokenizer) if req.tokenizer is not None else None
+    _say(progress)("compacting")
+    with contextlib.ExitStack() as stack:
+        compacted = compact_to_dir(model, maskset, req.out, overwrite=req.overwrite, adapterhub=req.adapterhub,
+                                   source=_tokenizer_dir(stack, tokenizer, source), inputs=_inputs(req))
+    out = Path(req.out)
+    return CompactResult(out=out, before=total_cost(model), after=total_cost(compacted),
+                         adapterhub=out / "adapterhub" if req.adapterhub else None, notes=notes)
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+def export(req: ExportRequest, progress: Progress = None) -> ExportResult:
+    """`compress export`: compact, export to ONNX, optimise and verify parity; the compacted model and the
+    tokenizer are written beside the graph."""
+    from exporters.onnx_export import ExportConfig, export_onnx
+
+    from .errors import ExportError
+    from .training import TrainConfig
+
+    if req.format != "onnx":
+        raise ExportError("choose a format: --onnx (the only one supported)")
+    config = ExportConfig(optimize=req.optimize, sparse=req.sparse, quantize=req.quantize, atol=req.atol,
+                          allow_mismatch=req.allow_mismatch, seed=req.seed)
+    inputs = _inputs(req)
+    check_output_dir(req.out, req.overwrite, inputs=inputs)
+    if req.data is not None and req.quantize != "int8":
+        raise ExportError("--data scores the int8 graph against the fp32 one: add --quantize int8")
+    model, maskset, source, notes = _load_with_masks(req, req.masks, progress)
+    tokenizer, eval_data = None, None
+    if req.data is not None or req.tokenizer is not None:
+        tokenizer = load_tokenizer(source, model, req.tokenizer)
+    if req.data is not None:
+        data_config = TrainConfig(max_length=_max_length(model, req.max_length))
+        eval_data = _load_task(req, tokenizer, data_config, None, req.max_dev_examples, progress)
+        check_head(model, eval_data.spec)
+    _say(progress)("exporting")
+    with contextlib.ExitStack() as stack:
+        tokenizer_dir = _tokenizer_dir(stack, tokenizer if req.tokenizer is not None else None, source)
+        result = export_onnx(model, req.out, maskset, config, overwrite=req.overwrite, tokenizer_dir=tokenizer_dir,
+                             progress=progress, eval_data=eval_data)
+    attention = []
+    if req.optimize:
+        from exporters.export_summary import attention_rows
+        attention = attention_rows(result)
+    return ExportResult(out=Path(req.out), export=result, optimize=req.optimize, atol=req.atol, attention=attention,
+                        notes=notes)
 
 
 # ----------------------------------------------------------------------------------------------- train and eval
@@ -200,34 +591,118 @@ def train_model(model: nn.Module, ctx, what, new_head: bool = False, seed: int =
     return model.eval(), record
 
 
-def save_trained(model: nn.Module, record: dict, out, overwrite: bool = False, tokenizer_dir=None) -> Path:
+def save_trained(model: nn.Module, record: dict, out, overwrite: bool = False, tokenizer_dir=None,
+                 inputs=()) -> Path:
     """OUT: the trained model (reloadable, with tokenizer files) and train.json, whole or not at all."""
     import json
 
-    with atomic_output_dir(out, overwrite) as tmp:
+    if not _main_process():
+        return Path(out)
+    with atomic_output_dir(out, overwrite, inputs=inputs) as tmp:
         write_compacted(model, tmp, tokenizer_dir=tokenizer_dir)
         (tmp / TRAIN_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return Path(out)
 
 
-def write_json(path, data: dict, overwrite: bool = False) -> Path:
-    """Write a JSON file whole or not at all."""
-    import json
+def train(req: TrainRequest, progress: Progress = None) -> TrainResult:
+    """`compress train`: train adapters, the fusion and / or a head on a task; dev metrics before and after;
+    writes the trained model with its tokenizer and train.json."""
+    parts = parse_train_choice(req.train)
+    config = train_config(req, seed=req.seed)
+    inputs = _inputs(req)
+    check_output_dir(req.out, req.overwrite, inputs=inputs)
+    model, source = _load(req, progress)
+    tokenizer = load_tokenizer(source, model, req.tokenizer)
+    config = replace(config, max_length=_max_length(model, req.max_length))
+    ctx = _load_task(req, tokenizer, config, req.max_train_examples, req.max_dev_examples, progress)
+    _say(progress)(f"training ({','.join(parts)})")
+    model, record = train_model(model, ctx, parts, new_head=req.new_head, seed=req.seed)
+    record["model"] = str(req.model) if req.model is not None else "default"
+    if req.tokenizer is not None:
+        record["tokenizer"] = str(req.tokenizer)
+    _say(progress)("writing")
+    with contextlib.ExitStack() as stack:
+        tokenizer_dir = _tokenizer_dir(stack, tokenizer if req.tokenizer is not None else None, source)
+        save_trained(model, record, req.out, overwrite=req.overwrite, tokenizer_dir=tokenizer_dir, inputs=inputs)
+    return TrainResult(out=Path(req.out), parts=parts, record=record, task=ctx.spec.ref,
+                       train_examples=len(ctx.train_set), dev_examples=len(ctx.dev_set))
+
+
+def evaluate(req: EvalRequest, progress: Progress = None) -> EvalResult:
+    """`compress eval`: the dev metrics of a model with a prediction head (masked when `req.masks` is given);
+    also written to `req.json` when given."""
+    from .masks import masked_copy
+    from .training import TrainConfig
+
+    if req.json is not None:
+        check_output_file(req.json, req.overwrite, inputs=_inputs(req))
+    model, maskset, source, notes = _load_with_masks(req, req.masks, progress)
+    check_head(model)
+    if maskset is not None:
+        model = masked_copy(model, maskset)
+    tokenizer = load_tokenizer(source, model, req.tokenizer)
+    max_length = _max_length(model, req.max_length)
+    config = TrainConfig(max_length=max_length, eval_batch_size=req.batch_size)
+    ctx = _load_task(req, tokenizer, config, 1, req.max_dev_examples, progress)
+    check_head(model, ctx.spec)
+    _say(progress)("evaluating")
+    metrics = ctx.evaluate(model)
+    result = EvalResult(model=Path(source), masks=Path(req.masks) if req.masks is not None else None,
+                        masks_method=maskset.method if maskset is not None else None, task=ctx.spec.ref,
+                        main_metric=ctx.spec.main_metric, dev_examples=len(ctx.dev_set), metrics=metrics,
+                        notes=notes)
+    if req.json is not None:
+        record = dict(model=str(source), masks=str(req.masks) if req.masks is not None else None,
+                      masks_method=result.masks_method, data=dict(ctx.data.source, dev_examples=len(ctx.dev_set)),
+                      task=ctx.spec.ref, main_metric=ctx.spec.main_metric, metrics=metrics,
+                      max_length=max_length)
+        if req.tokenizer is not None:
+            record["tokenizer"] = str(req.tokenizer)
+        result.json = Path(atomic_write_json(req.json, record, overwrite=req.overwrite, inputs=_inputs(req)))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- bench and demo
+
+def bench(req: BenchRequest, progress: Progress = None) -> BenchResult:
+    """`compress bench`: latency and throughput of export directories, .onnx files or model directories; writes
+    report.json, report.md and latency.png."""
     import os
-    import tempfile
 
-    from .errors import OutputExistsError
+    from exporters.bench import BenchConfig, BenchConfigError, run_bench
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} already exists; choose another --json or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    if req.threads is not None and req.threads < 1:
+        raise BenchConfigError(f"--threads must be >= 1, got {req.threads}; leave it out to use every core "
+                               f"({os.cpu_count() or 1} here)")
+    config = BenchConfig(providers=list(req.providers), batch_sizes=req.batch_sizes, seq_lens=req.seq_lens,
+                         threads=req.threads or os.cpu_count() or 1, warmup=req.warmup, min_time_s=req.min_time,
+                         seed=req.seed)
+    check_output_dir(req.out, req.overwrite, inputs=[Path(t) for t in req.targets])
+    say = _say(progress)
+    report = run_bench(list(req.targets), config, req.out, overwrite=req.overwrite,
+                       progress=lambda label, done, total: say(f"{label} ({done}/{total})"))
+    failed = sum(c["status"] == "failed" for c in report["results"])
+    return BenchResult(out=Path(req.out), report=report, threads=config.threads, failed=failed)
+
+
+def demo(req: DemoRequest, progress: Progress = None) -> DemoResult:
+    """`compress demo`: the whole toolkit on the embedded default (compressor.demo.run_demo); `progress` gets
+    each stage's description."""
+    from .demo import DemoConfig, prepare_out, run_demo
+
+    if req.threads is not None and req.threads < 1:
+        from exporters.bench import BenchConfigError
+        raise BenchConfigError(f"--threads must be >= 1, got {req.threads}; leave it out to use every core")
+    config = DemoConfig(data_dir=str(req.data_dir) if req.data_dir else None, adapters=req.adapters,
+                        heads=req.heads, neurons=req.neurons, rounds=req.rounds, steps=req.steps,
+                        min_time_s=req.min_time, threads=req.threads, seed=req.seed)
+    out = Path(req.out)
+    prepare_out(out, req.overwrite)
+    record = run_demo(out, config, overwrite=True, say=_say(progress))
+    return DemoResult(out=out, config=config, record=record)
+
+
+__all__ = [
+    "inspect", "prune", "compact", "export", "train", "evaluate", "bench", "demo", "load_default_model",
+    "load_tokenizer", "load_task", "read_masks", "method_options", "model_source_dir",
+]

@@ -192,7 +192,8 @@ def save_compacted(model: nn.Module, out, overwrite: bool = False, tokenizer_dir
 
 
 def write_compacted(model: nn.Module, directory: Path, tokenizer_dir=None) -> None:
-    """config.json, compress_manifest.json, model.safetensors (+ the tokenizer files of `tokenizer_dir`)."""
+    """config.json, compress_manifest.json, model.safetensors (+ the tokenizer files of `tokenizer_dir`: the
+    model's own directory, or where compressor.api saved the tokenizer given with --tokenizer)."""
     from safetensors.torch import save_file
 
     model.base_model.config.to_json_file(str(directory / "config.json"))
@@ -205,8 +206,11 @@ def write_compacted(model: nn.Module, directory: Path, tokenizer_dir=None) -> No
         copy_tokenizer_files(Path(tokenizer_dir), directory)
 
 
+# what `tokenizer.save_pretrained` writes for the tokenizers of the encoders we load (BERT, RoBERTa, XLM-R, ...):
+# copied with a model so that later commands on it need no --tokenizer
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "merges.txt",
-                   "special_tokens_map.json", "sentencepiece.bpe.model")
+                   "special_tokens_map.json", "added_tokens.json", "sentencepiece.bpe.model", "spiece.model",
+                   "tokenizer.model")
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:

@@ -46,6 +46,19 @@ def exit_cleanly_on_signals() -> None:
                 signal.signal(getattr(signal, name), _raise_interrupted)
 
 
+def interruption_in(exc: BaseException):
+    """The KeyboardInterrupt (Ctrl-C) or Interrupted (SIGTERM, SIGHUP) behind `exc`, or None. Some libraries catch
+    it and raise their own error from it (onnxruntime's import turns it into "ImportError: initialization
+    failed"), which is still the user's signal, not a bug."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def is_our_output(path) -> bool:
     """True when `path` is a directory that one of our commands wrote (it carries OUTPUT_MARKER)."""
     path = Path(path)

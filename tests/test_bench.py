@@ -17,6 +17,7 @@ import compressor
 from compressor.cli import app
 from compressor.compaction import compact, write_compacted
 from compressor.errors import CompressorError
+from compressor.io import OUTPUT_MARKER
 from exporters.bench import NO_TORCH_FOR_ONNX, NOT_ONNX, BenchConfig, measure, parse_ints, placement_from_profile, run_bench
 from factories import make_model_dir
 
@@ -82,7 +83,7 @@ def no_partial_left(parent: Path):
 def test_report_files_and_schema(dirs, tmp_path):
     out = tmp_path / "report"
     report = run_bench([dirs["export"], dirs["onnx"]], fast_config(), out)
-    assert sorted(p.name for p in out.iterdir()) == ["latency.png", "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_MARKER, "latency.png", "report.json", "report.md"]
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "report.json").read_text()) == report
 
@@ -162,13 +163,13 @@ def test_cli_only_unavailable_provider_still_writes_report(dirs, tmp_path):
     out = tmp_path / "bench"
     result = invoke("bench", dirs["onnx"], "--provider", "tensorrt", *FAST, "--out", out)
     assert result.exit_code == 0, result.output
-    assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "latency.png"}
+    assert {p.name for p in out.iterdir()} == {OUTPUT_MARKER, "report.json", "report.md", "latency.png"}
     assert all(c["status"] == "skipped" for c in json.loads((out / "report.json").read_text())["results"])
 
 
-def test_cli_overwrite_replaces(dirs, tmp_path):
+def test_cli_overwrite_replaces_an_earlier_report(dirs, tmp_path):
     out = tmp_path / "bench"
-    out.mkdir()
+    assert invoke("bench", dirs["onnx"], *FAST, "--out", out).exit_code == 0
     (out / "stale.txt").write_text("old")
     result = invoke("bench", dirs["onnx"], *FAST, "--out", out, "--overwrite")
     assert result.exit_code == 0, result.output

@@ -18,6 +18,7 @@ import compressor.api
 import compressor.compaction
 from compressor.cli import app
 from compressor.errors import CompressorError, ModelLoadError
+from compressor.io import OUTPUT_MARKER
 from compressor.masks import META_FILE, TENSORS_FILE, MaskSet, masked_copy
 from compressor.pruning import METHODS
 from factories import make_model_dir, random_inputs
@@ -98,7 +99,7 @@ def test_prune_writes_masks_and_summary(model_dir, tmp_path, method):
     result = invoke("prune", model_dir, "--method", method, "--sparsity", "heads=0.5", "--sparsity", "adapters=0.34",
                     "--sparsity", "bottleneck=0.5", "--seed", 3, "--out", out)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == sorted([TENSORS_FILE, META_FILE])
+    assert sorted(p.name for p in out.iterdir()) == sorted([TENSORS_FILE, META_FILE, OUTPUT_MARKER])
     assert no_partial_left(tmp_path)
     meta = json.loads((out / META_FILE).read_text())
     assert meta["method"] == method
@@ -282,6 +283,10 @@ def test_existing_out_needs_overwrite(model_dir, tmp_path, command):
     line = assert_user_error(invoke(*args), "already exists", "--overwrite")
     assert str(out) in line
     assert (out / "keep.txt").read_text() == "mine"  # untouched
+    # --overwrite replaces only an earlier output of ours (compressor.io's marker), never a foreign directory
+    assert_user_error(invoke(*args, "--overwrite"), "not written by compress")
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / OUTPUT_MARKER).write_text("{}")
     result = invoke(*args, "--overwrite")
     assert result.exit_code == 0, result.output
     assert not (out / "keep.txt").exists()
@@ -376,6 +381,19 @@ def test_interrupt_while_writing_leaves_nothing(model_dir, tmp_path, monkeypatch
     assert not out.exists() and no_partial_left(tmp_path)
 
 
+def test_sigterm_while_writing_leaves_nothing(model_dir, tmp_path, monkeypatch):
+    import signal
+
+    from compressor.io import Interrupted
+
+    _fail_after_writing(monkeypatch, Interrupted(signal.SIGTERM))
+    out = tmp_path / "out"
+    result = invoke("compact", model_dir, "--out", out)
+    assert result.exit_code == 128 + signal.SIGTERM
+    assert result.stderr.strip() == "interrupted (SIGTERM): nothing was written"
+    assert not out.exists() and no_partial_left(tmp_path)
+
+
 def test_overwrite_failure_keeps_the_old_output(model_dir, tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert invoke("compact", model_dir, "--out", out).exit_code == 0
@@ -423,8 +441,49 @@ def test_real_process_error_output(tmp_path):
     (plain_out, plain_err), (debug_out, debug_err) = (p.communicate(timeout=120) for p in procs)
     plain_rc, debug_rc = (p.returncode for p in procs)
     assert plain_rc == 2
-    assert plain_err.strip().splitlines() == [f"error: model directory {tmp_path / 'nowhere'} does not exist"]
+    lines = plain_err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: model directory {tmp_path / 'nowhere'} does not exist")
     assert plain_out == ""
     assert debug_rc != 0
     assert "Traceback" in debug_err and "ModelLoadError" in debug_err and "does not exist" in debug_err
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------------------------- --help and options
+
+def _help(*command):
+    result = invoke(*command, "--help", env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    return result.stdout
+
+
+@pytest.mark.parametrize("command", [(), ("inspect",), ("prune",), ("compact",), ("export",), ("train",), ("eval",),
+                                     ("bench",), ("demo",)])
+def test_help_fits_80_columns(command):
+    text = _help(*command)
+    too_long = [line for line in text.splitlines() if len(line) > 80]
+    assert not too_long, too_long
+
+
+def test_prune_help_puts_each_method_beside_its_description():
+    from compressor.cli import method_description
+
+    lines = [line.strip() for line in _help("prune").splitlines()]
+    for name, cls in METHODS.items():
+        head = f"{name}{' (needs --data)' if cls.needs_data else ''}: "
+        found = [line for line in lines if line.startswith(head)]
+        assert len(found) == 1, (name, found)
+        words = method_description(name, cls).split()[:2]  # the description starts on the method's line
+        assert found[0][len(head):].split()[:len(words)] == words, (name, found[0])
+    assert "--tokenizer" in " ".join(lines)
+
+
+def test_bench_threads_must_be_positive(tmp_path):
+    """D12: --threads 0 used to mean every core, silently."""
+    result = invoke("bench", tmp_path, "--threads", 0, "--out", tmp_path / "bench")
+    assert result.exit_code == 2 and "--threads" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "bench").exists()
+    from compressor import BenchRequest, bench
+
+    with pytest.raises(CompressorError, match="--threads must be >= 1"):
+        bench(BenchRequest(targets=[tmp_path], threads=0, out=tmp_path / "bench"))

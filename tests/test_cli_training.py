@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 import compressor
 from compressor.cli import app
+from compressor.io import OUTPUT_MARKER
 from compressor.masks import META_FILE, TENSORS_FILE, MaskSet, masked_copy
 from compressor.pruning import METHODS
 from factories import make_model_dir, random_inputs
@@ -112,7 +113,7 @@ def test_tokenizer_loads_from_the_model_dir(model_dir):
 
 def test_prune_lottery_writes_masks_and_trained_model(lottery_masks, model_dir):
     out, result = lottery_masks
-    assert sorted(p.name for p in out.iterdir()) == sorted([TENSORS_FILE, META_FILE, "model"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([TENSORS_FILE, META_FILE, "model", OUTPUT_MARKER])
     assert {"config.json", "compress_manifest.json", "model.safetensors", "vocab.txt",
             "tokenizer_config.json"} <= {p.name for p in (out / "model").iterdir()}
     meta = json.loads((out / META_FILE).read_text())
@@ -201,7 +202,7 @@ def test_train_new_head_replaces_a_head_of_another_size(flex_dir, data_file, tmp
 def test_prune_omp_needs_no_data(model_dir, tmp_path):
     out = tmp_path / "omp"
     result = ok(invoke("prune", model_dir, "--method", "omp", "--sparsity", "weights=0.5", "--out", out))
-    assert sorted(p.name for p in out.iterdir()) == sorted([TENSORS_FILE, META_FILE])
+    assert sorted(p.name for p in out.iterdir()) == sorted([TENSORS_FILE, META_FILE, OUTPUT_MARKER])
     meta = json.loads((out / META_FILE).read_text())
     assert meta["method"] == "omp" and "trained_model" not in meta and meta["data"] is None
     assert "dev metrics" not in result.stdout
@@ -283,7 +284,69 @@ def test_model_dir_without_tokenizer(root, data_file, tmp_path):
     bare = make_model_dir(root / "bare", "bert", "seq_bn", n_adapters=2, fusion="dynamic")
     assert_user_error(invoke("prune", bare, "--method", "lottery-fusion", "--sparsity", "adapters=0.5",
                              *data_args(data_file), "--out", tmp_path / "o"), str(bare), "no tokenizer files",
-                      out=tmp_path / "o")
+                      "pass --tokenizer NAME_OR_DIR", out=tmp_path / "o")
+
+
+@pytest.fixture(scope="module")
+def bare_dir(root):
+    """A model saved without tokenizer files (as AdapterHub's save_pretrained leaves it)."""
+    return make_model_dir(root / "bare-model", "bert", "seq_bn", n_adapters=3, fusion="dynamic")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(root):
+    return with_tokenizer(root / "tokenizer")
+
+
+def test_tokenizer_flag_and_the_outputs_carry_it(bare_dir, tokenizer_dir, data_file, tmp_path):
+    """prune MODEL --tokenizer DIR on a model without tokenizer files; OUT/model then needs no flag."""
+    out = tmp_path / "masks"
+    ok(invoke("prune", bare_dir, "--tokenizer", tokenizer_dir, "--method", "lottery-fusion", "--sparsity",
+              "adapters=0.34", *data_args(data_file), *BUDGET, "--rounds", 1, "--max-drop", 1.0, "--out", out))
+    assert {"vocab.txt", "tokenizer_config.json"} <= {p.name for p in (out / "model").iterdir()}
+    result = ok(invoke("eval", "--masks", out, *data_args(data_file)))
+    assert "accuracy" in result.stdout and "note:" not in result.stderr
+    # compact and export of the bare model with --tokenizer write it too; a later eval needs no flag
+    ok(invoke("compact", bare_dir, "--tokenizer", tokenizer_dir, "--out", tmp_path / "compact"))
+    assert (tmp_path / "compact" / "vocab.txt").is_file()
+    trained = tmp_path / "trained"
+    ok(invoke("train", bare_dir, "--tokenizer", tokenizer_dir, *data_args(data_file), "--train", "head", *BUDGET,
+              "--out", trained))
+    assert (trained / "vocab.txt").is_file()
+    assert json.loads((trained / "train.json").read_text())["tokenizer"] == str(tokenizer_dir)
+    ok(invoke("eval", trained, *data_args(data_file)))
+
+
+def test_bare_model_needs_the_tokenizer_flag(bare_dir, data_file, tmp_path):
+    assert_user_error(invoke("train", bare_dir, *data_args(data_file), "--train", "head", "--out", tmp_path / "o"),
+                      "no tokenizer files", "pass --tokenizer NAME_OR_DIR", out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("name, needle", [("./missing-tokenizer", "no such directory"),
+                                          ("data", "no tokenizer files there")])
+def test_bad_tokenizer_flag(bare_dir, data_file, tmp_path, monkeypatch, name, needle):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert_user_error(invoke("prune", bare_dir, "--tokenizer", name, "--method", "lottery-fusion", "--sparsity",
+                             "adapters=0.5", *data_args(data_file), "--out", tmp_path / "o"), f"--tokenizer {name}",
+                      needle, out=tmp_path / "o")
+
+
+def test_trained_model_symlinked_out_of_the_mask_dir_is_refused(lottery_masks, tmp_path):
+    """D10: masks.json's trained_model is followed only inside the mask directory, symlinks resolved."""
+    import shutil
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for name in (TENSORS_FILE, META_FILE):
+        shutil.copyfile(lottery_masks[0] / name, masks / name)
+    (masks / "model").symlink_to(lottery_masks[0] / "model", target_is_directory=True)
+    for command in (("compact", "--masks", masks, "--out", tmp_path / "c"),
+                    ("eval", "--masks", masks, "--data", "glue:rte")):
+        result = invoke(*command)
+        assert result.exit_code == 2
+        assert_user_error(result, "trained_model", "out of the mask directory")
+    assert not (tmp_path / "c").exists()
 
 
 def test_bad_train_choice(model_dir, data_file, tmp_path):
@@ -314,7 +377,9 @@ def test_masks_and_trained_model_appear_together_or_not_at_all(model_dir, tmp_pa
     out = tmp_path / "out"
     result = invoke("prune", model_dir, "--sparsity", "heads=0.5", "--out", out)
     assert written and written[0].name == "model" and result.exit_code != 0
-    assert isinstance(result.exception, OSError)
+    # an environment error (a full disk) is one line, like our own errors (compressor.errors.as_user_error)
+    assert isinstance(result.exception, SystemExit) and "No space left on device" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert sorted(tmp_path.iterdir()) == []
 
 

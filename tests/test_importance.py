@@ -15,6 +15,7 @@ import torch
 
 import compressor
 from compressor.errors import PruningConfigError
+from compressor.io import OUTPUT_MARKER
 from compressor.masks import META_FILE, TENSORS_FILE, MaskSet, masked_copy
 from compressor.pruning import CRITERIA, METHODS, prune
 from compressor.pruning.importance import GATE_CRITERIA
@@ -292,7 +293,7 @@ def test_cli_prune_importance(tmp_path):
     out = tmp_path / "masks"
     result = invoke("prune", headed, "--method", "importance", *data, "--sparsity", "heads=0.5",
                     "--option", "criterion=taylor", "--option", "examples=16", "--batch-size", 8, "--out", out)
-    assert sorted(p.name for p in out.iterdir()) == sorted([TENSORS_FILE, META_FILE])  # no trained model
+    assert sorted(p.name for p in out.iterdir()) == sorted([OUTPUT_MARKER, TENSORS_FILE, META_FILE])  # no model
     meta = json.loads((out / META_FILE).read_text())
     assert meta["method"] == "importance" and meta["criterion"] == "taylor"
     assert meta["params"]["options"] == dict(criterion="taylor", examples=16, scope="group")

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import compressor
 from compressor.errors import MaskError, OutputExistsError, PruningConfigError
+from compressor.io import OUTPUT_MARKER
 from compressor.masks import META_FILE, TENSORS_FILE, MaskSet, apply_masks, masked_copy
 from compressor.pruning import parse_sparsity, prune
 from compressor.units import KINDS, fingerprint, iter_units
@@ -58,7 +59,7 @@ def max_diff(a, b) -> float:
 def test_save_load_roundtrip(model, tmp_path):
     ms = prune(model, "random", ALL_KINDS, seed=3)
     ms.save(tmp_path / "m")
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted([TENSORS_FILE, META_FILE])
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == sorted([OUTPUT_MARKER, TENSORS_FILE, META_FILE])
     back = MaskSet.load(tmp_path / "m")
     assert set(back.masks) == set(ms.masks)
     for key, mask in ms.masks.items():

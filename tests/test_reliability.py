@@ -362,8 +362,8 @@ def test_d9_resume_from_a_bad_checkpoint(flex_dir, data_file, tmp_path, monkeypa
         (ckpt / "final" / "model.pt").write_bytes(pickle.dumps({"w": Payload()}))
     else:
         (ckpt / "step-abc").mkdir(parents=True)
-    line = one_line_error(invoke("train", flex_dir, *data_args(data_file), "--train", "head", "--max-steps", 2,
-                                 "--checkpoint-dir", tmp_path / "ckpt", "--resume", "--out", tmp_path / "o"),
+    line = one_line_error(invoke("train", flex_dir, *data_args(data_file), "--train", "head", "--new-head",
+                                 "--max-steps", 2, "--checkpoint-dir", tmp_path / "ckpt", "--resume", "--out", tmp_path / "o"),
                           "resume")
     assert "weights_only=False" not in line
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "o").exists()

@@ -1,0 +1,247 @@
+"""What each library entry point (`compressor.api`) takes and returns: one request and one result dataclass per
+`compress` command. A request's fields are the command's options (`--max-steps` is `max_steps`); a result holds
+what the command prints: the data of its tables and the paths it wrote."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+PathLike = Union[str, Path]
+
+
+# ----------------------------------------------------------------------------------------------- shared option groups
+
+@dataclass(kw_only=True)
+class ModelOptions:
+    """Which model: MODEL (None: the embedded default), --adapter, --fusion, --setup, --head."""
+
+    model: Optional[PathLike] = None
+    adapters: Sequence[PathLike] = ()
+    fusion: Optional[PathLike] = None
+    setup: Optional[str] = None
+    head: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class DataOptions:
+    """--data and its companions; `tokenizer`: a directory or hub name, for a model saved without one."""
+
+    data: Optional[str] = None
+    data_dir: Optional[PathLike] = None
+    task: Optional[str] = None
+    text_columns: Optional[str] = None
+    label_column: Optional[str] = None
+    max_train_examples: Optional[int] = None
+    max_dev_examples: Optional[int] = None
+    tokenizer: Optional[str] = None
+
+
+@dataclass(kw_only=True)
+class TrainBudget:
+    """The training budget of `train` and of the prune methods that train (a training.TrainConfig)."""
+
+    max_steps: Optional[int] = None
+    epochs: float = 1.0
+    batch_size: int = 16
+    learning_rate: float = 1e-4
+    max_length: Optional[int] = None  # None: 128, or the model's positions when fewer
+    checkpoint_dir: Optional[PathLike] = None
+    resume: bool = False
+
+
+# ----------------------------------------------------------------------------------------------- inspect
+
+@dataclass(kw_only=True)
+class InspectRequest(ModelOptions):
+    seq_len: int = 128
+
+
+@dataclass
+class InspectResult:
+    model_class: str
+    setup: Optional[str]
+    seq_len: int
+    layers: List[dict]  # flops.layer_costs: one dict per layer
+    total: dict  # flops.total_cost
+
+
+# ----------------------------------------------------------------------------------------------- prune
+
+@dataclass(kw_only=True)
+class PruneRequest(ModelOptions, DataOptions, TrainBudget):
+    out: PathLike
+    sparsity: Union[Mapping[str, float], Sequence[str]]  # {"heads": 0.5} or ["heads=0.5", ...]
+    method: str = "magnitude"
+    seed: int = 0
+    allow_empty: bool = False
+    overwrite: bool = False
+    # method options: passed only when not None; a method without the option refuses it
+    criterion: Optional[str] = None
+    rounds: Optional[int] = None
+    rewind_step: Optional[int] = None
+    max_drop: Optional[float] = None
+    widen: Optional[bool] = None
+    objective: Optional[str] = None
+    examples: Optional[int] = None
+    adapter_width: Optional[int] = None
+    options: Union[Mapping[str, Any], Sequence[str]] = ()  # any other: {"rate": 0.2} or ["rate=0.2"]
+
+
+@dataclass
+class PruneResult:
+    out: Path
+    method: str
+    seed: int
+    masks: Any  # the MaskSet written
+    groups: Dict[str, int]  # unit groups per kind
+    counts: Dict[str, dict]  # kind -> {"kept", "total"}
+    metrics: List[tuple]  # (name, value) rows of dev metrics, empty without data
+    task: Optional[str] = None  # the task reference, with data
+    dev_examples: Optional[int] = None
+    stopped_early: Optional[str] = None
+    trained_model: Optional[Path] = None  # OUT/model when the method trained weights
+    files: List[Path] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- compact
+
+@dataclass(kw_only=True)
+class CompactRequest(ModelOptions):
+    out: PathLike
+    masks: Optional[PathLike] = None
+    adapterhub: bool = False
+    overwrite: bool = False
+    tokenizer: Optional[str] = None
+
+
+@dataclass
+class CompactResult:
+    out: Path
+    before: dict  # flops.total_cost of the (masked) model and of the compacted one
+    after: dict
+    adapterhub: Optional[Path] = None
+    notes: List[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+@dataclass(kw_only=True)
+class ExportRequest(ModelOptions, DataOptions):
+    out: PathLike
+    masks: Optional[PathLike] = None
+    format: Optional[str] = "onnx"  # the CLI's --onnx; the only format
+    optimize: bool = True
+    quantize: Optional[str] = None
+    sparse: bool = False
+    atol: float = 1e-4
+    allow_mismatch: bool = False
+    seed: Optional[int] = None
+    overwrite: bool = False
+    max_length: Optional[int] = None  # None: 128, or the model's positions when fewer
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    export: Any  # exporters.onnx_export.ExportResult: files, sizes, parity, int8
+    optimize: bool
+    atol: float
+    attention: List[tuple] = field(default_factory=list)  # export_summary.attention_rows, when optimised
+    notes: List[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- train
+
+@dataclass(kw_only=True)
+class TrainRequest(ModelOptions, DataOptions, TrainBudget):
+    data: str
+    train: Union[str, Sequence[str]]  # adapters | fusion | head | all, comma-separated or a list
+    out: PathLike
+    new_head: bool = False
+    overwrite: bool = False
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    parts: List[str]
+    record: dict  # what train.json holds
+    task: str
+    train_examples: int
+    dev_examples: int
+
+
+# ----------------------------------------------------------------------------------------------- eval
+
+@dataclass(kw_only=True)
+class EvalRequest(ModelOptions, DataOptions):
+    data: str
+    masks: Optional[PathLike] = None
+    json: Optional[PathLike] = None
+    overwrite: bool = False
+    max_length: Optional[int] = None  # None: 128, or the model's positions when fewer
+    batch_size: int = 64
+
+
+@dataclass
+class EvalResult:
+    model: Path  # the directory the model came from
+    masks: Optional[Path]
+    masks_method: Optional[str]
+    task: str
+    main_metric: str
+    dev_examples: int
+    metrics: Dict[str, float]
+    json: Optional[Path] = None
+    notes: List[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------- bench
+
+@dataclass(kw_only=True)
+class BenchRequest:
+    targets: Sequence[PathLike]
+    out: PathLike
+    providers: Sequence[str] = ("cpu",)
+    batch_sizes: Union[str, Sequence[int]] = "1,8"
+    seq_lens: Union[str, Sequence[int]] = "32,128"
+    threads: Optional[int] = None  # None: os.cpu_count()
+    min_time: float = 1.0
+    warmup: int = 3
+    seed: int = 0
+    overwrite: bool = False
+
+
+@dataclass
+class BenchResult:
+    out: Path
+    report: dict  # what report.json holds
+    threads: int
+    failed: int  # cells that failed
+
+
+# ----------------------------------------------------------------------------------------------- demo
+
+@dataclass(kw_only=True)
+class DemoRequest:
+    out: PathLike = Path("compress-demo")
+    overwrite: bool = False
+    data_dir: Optional[PathLike] = None
+    adapters: float = 0.75
+    heads: float = 0.25
+    neurons: float = 0.25
+    rounds: int = 2
+    steps: int = 20
+    min_time: float = 2.0
+    threads: Optional[int] = None
+    seed: int = 0
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    config: Any  # demo.DemoConfig
+    record: dict  # what demo.json holds
