@@ -35,10 +35,12 @@ class TrainConfig:
         if self.resume and not self.checkpoint_dir:
             raise TrainingError("--resume needs the checkpoint directory of the run to resume (--checkpoint-dir)")
 
-    def steps_for(self, n_examples: int) -> int:
+    def steps_for(self, n_examples: int, processes: int = 1) -> int:
+        """Optimiser steps of a stage: --max-steps, else --epochs passes over `n_examples`, where one step takes
+        --batch-size examples on each of `processes` processes (the global batch)."""
         if self.max_steps is not None:
             return self.max_steps
-        per_epoch = -(-n_examples // self.batch_size)
+        per_epoch = -(-n_examples // (self.batch_size * processes))
         return max(1, int(round(self.epochs * per_epoch)))
 
     def to_dict(self) -> dict:

@@ -8,7 +8,11 @@ from its last step checkpoint. Methods are deterministic for a seed, so a resume
 
 from __future__ import annotations
 
+import collections
+import hashlib
+import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +26,8 @@ from ..errors import TrainingError
 from .config import TrainConfig
 
 Hook = Callable[[int], None]
+
+TRACE_ENV = "COMPRESSOR_TRAIN_TRACE"  # debugging hook, see _Trace
 
 
 def _progress(total: int, description: str):
@@ -38,8 +44,26 @@ def _stage_dir(config: TrainConfig, stage: str) -> Optional[Path]:
 
 
 def _latest_step(stage_dir: Path) -> Optional[Path]:
-    steps = sorted(stage_dir.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return steps[-1] if steps else None
+    steps = list(stage_dir.glob("step-*"))
+    odd = [p.name for p in steps if not p.name[len("step-"):].isdigit() or not p.is_dir()]
+    if odd:
+        raise TrainingError(f"{stage_dir} holds {odd[0]}, which is not a step checkpoint (step-N directories): "
+                            "remove it, or drop --resume to start over")
+    return max(steps, key=lambda p: int(p.name[len("step-"):])) if steps else None
+
+
+def _load_step(accelerator, directory: Path) -> None:
+    """accelerate's load_state, with its failures (a pickle that weights_only refuses, a truncated file) as one
+    line. accelerate loads optimizer and RNG states with torch.load; a file that is not plain tensors is refused."""
+    try:
+        accelerator.load_state(str(directory))
+    except Exception as e:  # UnpicklingError, RuntimeError, KeyError, OSError...: all mean "cannot resume"
+        import pickle
+
+        why = ("it holds a pickle with more than tensors, which is never loaded" if isinstance(e, pickle.UnpicklingError)
+               else f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+        raise TrainingError(f"cannot resume from {directory}: {why}; remove that checkpoint, or drop --resume "
+                            "to start over") from e
 
 
 def train(model: nn.Module, dataset, collate_fn, loss_fn: Callable, config: TrainConfig,
@@ -62,10 +86,10 @@ def train(model: nn.Module, dataset, collate_fn, loss_fn: Callable, config: Trai
         params = [p for p in params if p.requires_grad]
     if not params:
         raise TrainingError(f"stage '{stage}': nothing to train (every parameter is frozen)")
-    total = steps if steps is not None else config.steps_for(len(dataset))
+    accelerator = Accelerator()
+    total = steps if steps is not None else config.steps_for(len(dataset), accelerator.num_processes)
     summary = dict(stage=stage, steps=total, examples=len(dataset), loss=None, seconds=0.0, resumed=False)
     stage_dir = _stage_dir(config, stage)
-    accelerator = Accelerator()
     if config.resume and stage_dir is not None and (stage_dir / "final" / "model.pt").is_file():
         _load_final(model, stage_dir / "final")
         summary.update(resumed=True, loss=_read_loss(stage_dir / "final"))
@@ -74,13 +98,20 @@ def train(model: nn.Module, dataset, collate_fn, loss_fn: Callable, config: Trai
         return summary
     set_seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
+    trace = _Trace(os.environ[TRACE_ENV]) if os.environ.get(TRACE_ENV) else None
+    if trace is not None:  # same sampler, same order: only the indices are noted on their way through
+        dataset, collate_fn = trace.wrap(dataset, collate_fn)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate_fn, generator=gen)
     optimizer = torch.optim.AdamW(params, lr=learning_rate or config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total), total)
+    # accelerate steps a prepared scheduler once per process at every optimiser step (split_batches=False, the
+    # global batch is num_processes x --batch-size): give it num_processes times the steps so that the schedule
+    # spans `total` optimiser steps, as in one process
+    n = accelerator.num_processes
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total) * n, total * n)
     prepared, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     start = 0
     if config.resume and stage_dir is not None and (last := _latest_step(stage_dir)) is not None:
-        accelerator.load_state(str(last))
+        _load_step(accelerator, last)
         start = int(last.name.split("-")[1])
         summary["resumed"] = True
     prepared.train()
@@ -104,6 +135,8 @@ def train(model: nn.Module, dataset, collate_fn, loss_fn: Callable, config: Trai
                 if after_step is not None:
                     after_step(step)
                 loss_value = float(loss.detach())
+                if trace is not None:
+                    trace.step(loss_value)
                 bar.update(task, advance=1, loss=f"loss {loss_value:.4f}")
                 if stage_dir is not None and config.checkpoint_every and step % config.checkpoint_every == 0 \
                         and step < total:
@@ -114,11 +147,65 @@ def train(model: nn.Module, dataset, collate_fn, loss_fn: Callable, config: Trai
     prepared.eval()
     model.eval()
     summary.update(loss=loss_value, seconds=time.perf_counter() - t0, steps=step)
+    if trace is not None:
+        trace.write(accelerator, stage, accelerator.unwrap_model(prepared), params)
     if stage_dir is not None and accelerator.is_main_process:
         _save_final(accelerator.unwrap_model(prepared), stage_dir / "final", loss_value)
     accelerator.wait_for_everyone()
     accelerator.free_memory()
     return summary
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return i, self.dataset[i]
+
+
+class _Trace:
+    """Debugging hook for multi-process runs: with COMPRESSOR_TRAIN_TRACE=DIR in the environment, every process
+    writes DIR/<stage>.rank-<i>.json at the end of a stage (the last run of a stage name wins): its rank, the
+    world size and backend, the dataset indices of the examples it consumed at each step, its local loss at each
+    step, and a sha256 and sum of its trainable parameters, which data parallelism must keep equal on every
+    rank. tests/test_distributed.py reads it. Indices travel from the dataset to the collate function beside
+    the examples; the loader prefetches, so they queue until their batch is consumed."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self.pending = collections.deque()
+        self.indices, self.losses = [], []
+
+    def wrap(self, dataset, collate_fn):
+        def collate(items):
+            self.pending.append([int(i) for i, _ in items])
+            return collate_fn([item for _, item in items])
+        return _Indexed(dataset), collate
+
+    def step(self, loss: float) -> None:
+        self.indices.append(self.pending.popleft())
+        self.losses.append(loss)
+
+    def write(self, accelerator, stage: str, model: nn.Module, params: list) -> None:
+        trainable = {id(p) for g in params for p in (g["params"] if isinstance(g, dict) else [g])}
+        digest, total, count = hashlib.sha256(), 0.0, 0
+        for name, p in model.named_parameters():
+            if id(p) in trainable:
+                value = p.detach().float().cpu().contiguous()
+                digest.update(name.encode() + value.numpy().tobytes())
+                total, count = total + float(value.double().sum()), count + value.numel()
+        dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        record = dict(stage=stage, rank=accelerator.process_index, world_size=accelerator.num_processes,
+                      distributed_type=str(accelerator.distributed_type),
+                      backend=torch.distributed.get_backend() if dist else None, indices=self.indices,
+                      losses=self.losses, params_sha256=digest.hexdigest(), params_sum=total, params_numel=count)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"{stage}.rank-{accelerator.process_index}.json"
+        path.write_text(json.dumps(record) + "\n")
 
 
 def _save_final(model: nn.Module, directory: Path, loss: float) -> None:
@@ -130,7 +217,13 @@ def _save_final(model: nn.Module, directory: Path, loss: float) -> None:
 
 
 def _load_final(model: nn.Module, directory: Path) -> None:
-    state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
+    from ..errors import ModelLoadError
+    from ..modeling.loading import read_weights
+
+    try:
+        state = read_weights(directory / "model.pt")
+    except ModelLoadError as e:
+        raise TrainingError(f"cannot resume: {e}; remove {directory}, or drop --resume to start over") from e
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise TrainingError(f"checkpoint {directory} does not fit this model ({len(unexpected)} unknown tensors): "
