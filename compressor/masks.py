@@ -1,4 +1,4 @@
-"""MaskSet: the public mask format (DESIGN.md).
+"""MaskSet: the public mask format (docs/design.md).
 
 A directory with
 - `masks.safetensors`: one boolean tensor per unit group, True = keep, key `<module path>::<kind>`;

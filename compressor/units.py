@@ -1,4 +1,4 @@
-"""Prunable units of a loaded model, named by the model's own module paths (DESIGN.md's table).
+"""Prunable units of a loaded model, named by the model's own module paths (docs/design.md's table).
 
 | kind       | key                                                    | shape            |
 | heads      | <layer>.attention.self::heads                          | [num heads]      |

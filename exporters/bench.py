@@ -1,7 +1,7 @@
 """`compress bench`: latency and throughput of export directories, .onnx files and PyTorch model directories on
 onnxruntime execution providers and PyTorch, with size, parameters, FLOPs and node placement beside them.
 
-Timing follows DESIGN.md ("Timing"): warm-up runs, pinned thread counts, repeats until both a minimum count and
+Timing follows docs/design.md ("Timing"): warm-up runs, pinned thread counts, repeats until both a minimum count and
 a minimum time are reached, percentiles and spread, IO binding on GPU providers, and a profiled run that shows
 which nodes fell back to the CPU. A provider that is not available is recorded as skipped, never a crash.
 """

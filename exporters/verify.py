@@ -1,4 +1,4 @@
-"""Parity (DESIGN.md invariant 2): the masked PyTorch model is the reference; the compacted model and every
+"""Parity (docs/design.md invariant 2): the masked PyTorch model is the reference; the compacted model and every
 onnxruntime graph are compared with it on fresh random inputs: right-padded, left-padded and randomly masked
 rows, two batch sizes, two sequence lengths. Per output: name, shapes, max abs diff against atol.
 

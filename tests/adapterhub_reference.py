@@ -1,7 +1,7 @@
 """Tiny AdapterHub reference models for parity tests (a helper module, not a test file).
 
 Everything here runs offline: the models are built from configs with the AdapterHub ``adapters``
-library (the test-time reference, see DESIGN.md), every parameter is randomised so that adapters,
+library (the test-time reference, see docs/design.md), every parameter is randomised so that adapters,
 fusion query/key/value and heads are far from identity/zero, and the models are written to disk in
 the on-disk formats our users have:
 

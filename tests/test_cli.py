@@ -1,5 +1,5 @@
 """The `compress` CLI on tiny models: inspect, prune, compact; user errors are one line, a non-zero exit, no
-traceback (unless --debug) and no output left behind (DESIGN.md invariant 4)."""
+traceback (unless --debug) and no output left behind (docs/design.md invariant 4)."""
 
 from __future__ import annotations
 

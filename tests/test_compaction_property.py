@@ -1,4 +1,4 @@
-"""Invariant 1 of DESIGN.md: for any MaskSet, masked model == compacted model (fp32, max abs diff <= 1e-5),
+"""Invariant 1 of docs/design.md: for any MaskSet, masked model == compacted model (fp32, max abs diff <= 1e-5),
 on random inputs with random padding, including all-pruned units and fusions left with one adapter."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ONNX export (DESIGN.md invariants 2 and 4, and the traps list): parity of onnxruntime with the masked model
+"""ONNX export (docs/design.md invariants 2 and 4, and the traps list): parity of onnxruntime with the masked model
 on right-, left- and randomly padded rows; one fused Attention node per layer with that layer's kept heads;
 optimum loads the export directory; sparse and int8 variants; bad inputs are one-line errors with nothing
 left behind."""

@@ -1,4 +1,4 @@
-"""The MaskSet format (DESIGN.md "Prunable units and the mask format"), its checks against the model it is
+"""The MaskSet format (docs/design.md "Prunable units and the mask format"), its checks against the model it is
 applied to, the pruning baselines' sparsity targets, and what a mask means in the masked model."""
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def test_file_contents_follow_the_public_format(model, tmp_path):
             assert tuple(model.get_parameter(path).shape) == tuple(tensor.shape)
         else:  # the key names the model's own module
             model.get_submodule(path)
-    # keys from DESIGN.md's table (a BertModel holds its layers at encoder.layer.<i>)
+    # keys from docs/design.md's table (a BertModel holds its layers at encoder.layer.<i>)
     assert "encoder.layer.1.attention.self::heads" in tensors
     assert "encoder.layer.0.intermediate::neurons" in tensors
     assert "encoder.layer.0.output.adapter_fusion_layer.a0,a1,a2::adapters" in tensors

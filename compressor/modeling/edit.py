@@ -29,7 +29,7 @@ def _sites(layer):
 
 
 def _reduction_factors(hidden: int, widths: Mapping[int, int]) -> dict:
-    # AdapterHub's width is int(hidden // rf): hidden / (k + 0.5) gives back k exactly (DESIGN.md trap)
+    # AdapterHub's width is int(hidden // rf): hidden / (k + 0.5) gives back k exactly (docs/design.md trap)
     return {str(i): hidden / (k + 0.5) for i, k in widths.items()}
 
 
