@@ -49,7 +49,8 @@ DATA_HELP = ("Task data: glue:TASK (local GLUE files under --data-dir, else down
 DATA_OPT = typer.Option(None, "--data", help=DATA_HELP + " Needed by the methods marked 'needs --data'.")
 DATA_REQUIRED_OPT = typer.Option(..., "--data", help=DATA_HELP)
 DATA_DIR_OPT = typer.Option(None, "--data-dir", help="Directory holding the GLUE task directories (RTE/, SST-2/, ...) "
-                                                     "for --data glue:TASK. Default: $COMPRESSOR_GLUE_DIR.")
+                                                     "for --data glue:TASK. Default: $COMPRESSOR_GLUE_DIR, else "
+                                                     "the hub (HF_HUB_OFFLINE=1: never).")
 TASK_OPT = typer.Option(None, "--task", help="GLUE task of a --data directory whose name does not say it, or whose "
                                              "labels and metrics a --data file follows.")
 TEXT_COLUMNS_OPT = typer.Option(None, "--text-columns", help="Text column(s) of a --data file, comma-separated: "
@@ -685,9 +686,10 @@ def bench(
 def demo(
     out: Path = typer.Option(Path("compress-demo"), "--out", help="Directory for everything the demo writes "
                              "(masks, exports, bench report, demo.md, demo.json). A previous demo's is replaced."),
-    overwrite: bool = typer.Option(False, help="Replace --out even when it is not a demo's output."),
+    overwrite: bool = typer.Option(False, help="Replace --out when it is another output of compress."),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="GLUE directory holding MRPC/. Default: "
-                                            "$COMPRESSOR_GLUE_DIR, ../shared/data/glue, else downloaded."),
+                                            "$COMPRESSOR_GLUE_DIR, ../shared/data/glue, else the MRPC rows "
+                                            "packaged with compressor (never the hub)."),
     adapters: float = typer.Option(0.75, help="Share of each layer's fused adapters to prune (lottery-fusion)."),
     heads: float = typer.Option(0.25, help="Share of each layer's attention heads to prune (importance)."),
     neurons: float = typer.Option(0.25, help="Share of each layer's FFN neurons to prune (importance)."),

@@ -4,6 +4,10 @@ The default fuses eight GLUE adapters for MRPC. The demo prunes fused adapters w
 budget), then heads and FFN neurons with `importance` (Taylor scores) and a short recovery training, exports the unpruned and the pruned model
 to ONNX (parity-verified), quantizes the pruned one to int8, scores all three on the MRPC dev set with
 onnxruntime and times them on the CPU. Everything lands in one directory: masks, exports, bench report, demo.md.
+
+Data: MRPC from `--data-dir`, `$COMPRESSOR_GLUE_DIR` or `../shared/data/glue` when one holds MRPC/, else the rows
+packaged in `compressor/default_data/MRPC` (all 408 dev rows; the 320 train rows the demo's seed-0 budget draws
+from GLUE's 3,667, see its README.md). The demo never downloads.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from .errors import OutputExistsError
 
 DEMO_RECORD = "demo.json"
 DEMO_STAGES = 8  # the calls of `say`
+DEMO_DATA = Path(__file__).resolve().parent / "default_data"  # GLUE layout: MRPC/train.tsv (a subset), MRPC/dev.tsv
 
 
 @dataclass
@@ -52,10 +57,62 @@ class DemoRow:
     speedup: dict = field(default_factory=dict)
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """A previous demo's directory is replaced; anything else there is refused unless --overwrite."""
-    if out.exists() and not overwrite and not (out / DEMO_RECORD).is_file():
+def prepare_out(out: Path, overwrite: bool, inputs=()) -> None:
+    """A previous demo's directory (an output of ours holding demo.json) is replaced; anything else there is
+    refused unless --overwrite, and even then never `.`, an ancestor of the working directory, a non-directory or
+    a directory we did not write (compressor.io.check_output_dir)."""
+    from .io import check_output_dir, is_our_output
+
+    out = Path(out)
+    previous_demo = is_our_output(out) and (out / DEMO_RECORD).is_file()
+    if out.exists() and not previous_demo and not overwrite:
         raise OutputExistsError(f"{out} exists and is not a demo output; choose another --out or pass --overwrite")
+    check_output_dir(out, overwrite=overwrite or previous_demo, inputs=inputs)
+
+
+def demo_train_rows(n_train: int, config: Optional["DemoConfig"] = None) -> list:
+    """The indices (file order) of the train examples the demo reads from a train set of `n_train` rows.
+
+    Every stage (lottery-fusion's training and fusion-influence scores, importance's Taylor scores, recovery)
+    walks the same seeded shuffle from its start, so the demo reads a prefix of one permutation: the first
+    max(steps, recovery_steps, ceil(examples / batch), 8) batches."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    config = config or DemoConfig()
+    batches = max(config.steps, config.recovery_steps, -(-config.examples // config.batch_size), 8)
+    loader = DataLoader(range(n_train), batch_size=config.batch_size, shuffle=True, collate_fn=list,
+                        generator=torch.Generator().manual_seed(config.seed))
+    drawn = []
+    for i, batch in enumerate(loader):
+        if i >= batches:
+            break
+        drawn += batch
+    return sorted(drawn)
+
+
+def write_packaged_data(glue_dir, target=DEMO_DATA) -> dict:
+    """Rebuild `compressor/default_data/MRPC` from GLUE's MRPC files: dev.tsv whole, train.tsv cut to the rows
+    `demo_train_rows` names (the header and each row byte for byte, in file order; no BOM). Returns the counts."""
+    src, dst = Path(glue_dir) / "MRPC", Path(target) / "MRPC"
+    dst.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for name in ("train.tsv", "dev.tsv"):
+        lines = [line + "\n" for line in (src / name).read_text(encoding="utf-8-sig").split("\n")]
+        header, rows = lines[0], [line for line in lines[1:] if line.strip()]  # rows end in "\n" only (MRPC)
+        keep = demo_train_rows(len(rows)) if name == "train.tsv" else range(len(rows))
+        (dst / name).write_text(header + "".join(rows[i] for i in keep), encoding="utf-8", newline="")
+        counts[name] = dict(rows=len(keep), of=len(rows))
+    return counts
+
+
+def describe_data(source: dict) -> str:
+    """One phrase for the record and demo.md: how many rows, and from where."""
+    if source.get("packaged"):
+        where = "packaged with compressor (the demo's draw of GLUE MRPC's 3,667 train rows; all dev rows)"
+    else:
+        where = "from " + (source.get("dir") or ("/".join(source["hf"]) if source.get("hf") else source["spec"]))
+    return f"{source['train_rows']} train and {source['dev_rows']} dev rows {where}"
 
 
 def run_demo(out, config: Optional[DemoConfig] = None, overwrite: bool = False,
@@ -67,17 +124,18 @@ def run_demo(out, config: Optional[DemoConfig] = None, overwrite: bool = False,
     from exporters.bench import BenchConfig, run_bench
     from exporters.onnx_export import ExportConfig, export_onnx
 
-    from .api import load_task, load_tokenizer, save_prune_result
+    from .api import load_tokenizer, save_prune_result
+    from .data import load_data
     from .io import atomic_output_dir
     from .masks import MaskSet, masked_copy
     from .modeling import load_model
     from .pruning import prune
-    from .training import TrainConfig, retrain_masked
+    from .training import TaskContext, TrainConfig, retrain_masked
     from .units import fingerprint
 
     config = config or DemoConfig()
     out = Path(out)
-    prepare_out(out, overwrite)
+    prepare_out(out, overwrite, inputs=[config.data_dir] if config.data_dir else ())
     torch.manual_seed(config.seed)
     timings, start = {}, time.perf_counter()
 
@@ -93,11 +151,14 @@ def run_demo(out, config: Optional[DemoConfig] = None, overwrite: bool = False,
     tokenizer = load_tokenizer(source, model)
     train_config = TrainConfig(max_steps=config.steps, batch_size=config.batch_size, learning_rate=5e-4,
                                seed=config.seed)
-    ctx = load_task(config.data, tokenizer, train_config, data_dir=config.data_dir, max_dev=config.dev_examples)
+    # --data-dir, $COMPRESSOR_GLUE_DIR, ../shared/data/glue, else the packaged rows: never the hub
+    task_data = load_data(config.data, data_dir=config.data_dir, fallback_dir=DEMO_DATA)
+    ctx = TaskContext.build(task_data, tokenizer, train_config, max_dev=config.dev_examples)
+    data_note = describe_data(task_data.source)
 
     with atomic_output_dir(out, overwrite=True) as tmp:
         stage(f"lottery-fusion: pruning {config.adapters:.0%} of the fused adapters ({config.rounds} rounds of "
-              f"{config.steps} steps)")
+              f"{config.steps} steps); data: {data_note}")
         lottery = prune(model, "lottery-fusion", {"adapters": config.adapters}, seed=config.seed, data=ctx,
                         options=dict(rounds=config.rounds, max_drop=config.max_drop))
         tuned = lottery.model
@@ -134,6 +195,7 @@ def run_demo(out, config: Optional[DemoConfig] = None, overwrite: bool = False,
         _latencies(rows, report)
         record = dict(config=asdict(config), model=str(source), default_scores=default_scores(),
                       task=ctx.spec.ref, main_metric=ctx.spec.main_metric, dev_examples=len(ctx.dev_set),
+                      data=dict(task_data.source, description=data_note),
                       masks=masks.counts(), lottery=dict(accepted_round=lottery.extra.get("accepted_round"),
                                                          stopped_early=lottery.extra.get("stopped_early")),
                       parity={name: dict(passed=r.parity["passed"], atol=r.parity["atol"],
@@ -181,7 +243,10 @@ def markdown(record: dict) -> str:
         cells += [f"{r['speedup'].get(b, float('nan')):.2f}x" for b in batches]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     counts = record["masks"]
-    lines += ["", "Kept: " + ", ".join(f"{k} {v['kept']}/{v['total']}" for k, v in counts.items()),
+    lines += [""]
+    if record.get("data"):
+        lines += [f"Data: {record['data']['description']}."]
+    lines += ["Kept: " + ", ".join(f"{k} {v['kept']}/{v['total']}" for k, v in counts.items()),
               f"Machine: {record['machine'].get('processor') or '?'}, {record['machine'].get('threads')} threads, "
               f"onnxruntime {record['machine'].get('onnxruntime')}; "
               f"{record['seconds']:.0f} s in all.", ""]

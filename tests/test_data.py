@@ -11,6 +11,7 @@ import torch
 
 from compressor.data import (GLUE_TASKS, Example, TokenizedDataset, check_labels, collate, compute_metrics, get_task,
                              load_data)
+from compressor.data import readers
 from compressor.data.metrics import matthews
 from compressor.data.tasks import TaskSpec
 from compressor.errors import DataError
@@ -172,6 +173,9 @@ def test_online_through_datasets(monkeypatch, tmp_path):
         return {"train": part, "validation_matched": part}
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setattr(readers, "hub_unreachable", lambda: None)  # the hub "answers"
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("COMPRESSOR_GLUE_DIR", raising=False)
     monkeypatch.chdir(tmp_path)  # no ../shared/data/glue from here
     data = load_data("glue:mnli")
@@ -253,6 +257,182 @@ def test_user_file_errors(tmp_path):
         load_data(str(tmp_path / "x.parquet"))
     with pytest.raises(DataError, match="dev-fraction"):
         load_data(str(path), text_columns=["sentence"], label_column="label", dev_fraction=1.0)
+
+
+# ------------------------------------------------------------------ bad labels (D12)
+
+
+@pytest.mark.parametrize("name,text,line", [
+    ("nan.csv", "text,label\na,0\nb,1\nc,nan\nd,1\n", 4),
+    ("NaN.csv", "text,label\na,pos\nb,NaN\nc,neg\n", 3),
+    ("empty.csv", "text,label\na,0\nb,1\nc,\nd,0\n", 4),
+    ("quoted.csv", 'text,label\na,0\n"b, c",""\nd,1\n', 3),
+    ("nan.tsv", "text\tlabel\na\t1\nb\t0\nc\tnan\n", 4),
+    ("nan.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": NaN}\n{"text": "c", "label": 0}\n', 2),
+    ("null.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "c", "label": null}\n', 3),
+    ("regression.csv", "text,score\na,0.5\nb,1.25\nc,nan\nd,2.0\n", 4),  # was read as 3 classes
+])
+def test_missing_label_is_refused_with_file_and_row(tmp_path, name, text, line):
+    """A NaN / empty / null label used to become a class of its own ("nan"), or turn regression into classes."""
+    path = tmp_path / name
+    path.write_text(text)
+    label = "score" if "regression" in name else "label"
+    with pytest.raises(DataError, match=rf"{name}:{line}: the label is missing") as err:
+        load_data(str(path), text_columns="text", label_column=label)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_label_with_known_classes_or_regression(tmp_path):
+    path = tmp_path / "known.csv"
+    path.write_text("text,label\na,1\nb,nan\n")
+    with pytest.raises(DataError, match=r"known\.csv:3: the label is missing"):
+        load_data(str(path), text_columns="text", label_column="label", task="sst2")
+    with pytest.raises(DataError, match=r"known\.csv:3: the label is missing"):
+        load_data(str(path), text_columns="text", label_column="label", task="stsb")  # regression: NaN too
+    inf = tmp_path / "inf.csv"
+    inf.write_text("text,score\na,0.5\nb,inf\nc,1.5\n")
+    with pytest.raises(DataError, match=r"inf\.csv:3: label 'inf' is not a finite number"):
+        load_data(str(inf), text_columns="text", label_column="score")
+    with pytest.raises(DataError, match=r"inf\.csv:3: label 'inf' is not a finite number"):
+        load_data(str(inf), text_columns="text", label_column="score", task="stsb")
+    header = ["sentence1", "sentence2", "score"]
+    _write(tmp_path / "STS-B" / "train.tsv", [header, ["a", "b", "1.0"], ["c", "d", "nan"]])
+    _write(tmp_path / "STS-B" / "dev.tsv", [header, ["a", "b", "1.0"]])
+    with pytest.raises(DataError, match=r"train\.tsv:3: the label is missing"):
+        load_data(str(tmp_path / "STS-B"))
+
+
+@pytest.mark.parametrize("value,known", [("1", dict(task="sst2")), ("positive", dict(label_list="negative,positive"))])
+def test_one_class_file_is_refused(tmp_path, value, known):
+    """A file whose labels hold one class used to train a one-output head without a word."""
+    path = tmp_path / "one.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{value}\n" for i in range(10)))
+    with pytest.raises(DataError, match=rf"one\.csv: every row's label is '{value}', one class.*--task"):
+        load_data(str(path), text_columns="text", label_column="label")
+    data = load_data(str(path), text_columns="text", label_column="label", **known)  # classes given: fine
+    assert data.spec.num_labels == 2 and {e.label for e in data.train} == {1}
+    with pytest.raises(DataError, match="at least two classes"):
+        load_data(str(path), text_columns="text", label_column="label", label_list=value)
+
+
+@pytest.fixture(scope="module")
+def headed_model(tmp_path_factory):
+    """A tiny model with a prediction head and a tokenizer: what `compress eval` needs before reading data."""
+    from factories import make_model_dir
+    from task_factories import tiny_tokenizer
+
+    model_dir = make_model_dir(tmp_path_factory.mktemp("eval") / "model", "bert", "seq_bn", n_adapters=2,
+                               fusion="dynamic", head="flex")
+    tiny_tokenizer(model_dir)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 64}))
+    return model_dir
+
+
+def cli_error(*args, env=None):
+    """`compress ...` in-process: (exit code, stderr lines); the call must fail with a user error."""
+    from typer.testing import CliRunner
+
+    from compressor.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
+    assert isinstance(result.exception, SystemExit), f"uncaught {result.exception!r}"
+    assert "Traceback" not in result.output and result.stdout.strip() == ""
+    return result.exit_code, result.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("text,needle", [("text,label\na,0\nb,nan\nc,1\n", "bad.csv:3: the label is missing"),
+                                         ("text,label\na,1\nb,1\nc,1\n", "one class")])
+def test_cli_eval_refuses_bad_labels_in_one_line(headed_model, tmp_path, text, needle):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    code, lines = cli_error("eval", headed_model, "--data", path, "--text-columns", "text", "--label-column", "label",
+                            "--max-length", 32)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], lines
+
+
+# ------------------------------------------------------------------ no local GLUE data and no hub
+
+
+def _no_local_glue(monkeypatch, tmp_path):
+    monkeypatch.delenv("COMPRESSOR_GLUE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ../shared/data/glue from here
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _timed_refusal(env: dict, cwd: Path) -> tuple:
+    """`load_data("glue:mrpc")` in a fresh interpreter (the hub libraries read their settings at import):
+    (seconds the call took, the error line). The readers load without the packages' torch imports (seconds on
+    a busy 2-core machine): `compressor` and `compressor.data` are bare namespace stand-ins there."""
+    import os
+    import subprocess
+
+    import compressor
+
+    code = ("import sys, time, types\n"
+            "for name, path in (('compressor', sys.argv[1]), ('compressor.data', sys.argv[1] + '/data')):\n"
+            "    sys.modules[name] = m = types.ModuleType(name); m.__path__ = [path]\n"
+            "from compressor.data.readers import load_data\nfrom compressor.errors import DataError\n"
+            "t = time.perf_counter()\ntry:\n    load_data('glue:mrpc')\nexcept DataError as e:\n"
+            "    print(round(time.perf_counter() - t, 3)); print(e)\n")
+    clean = {k: v for k, v in os.environ.items() if k not in ("COMPRESSOR_GLUE_DIR", "HF_HUB_OFFLINE",
+                                                              "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    out = subprocess.run([sys.executable, "-c", code, str(Path(compressor.__file__).parent)], cwd=cwd,
+                         env={**clean, "HF_HOME": str(cwd / "hf"), **env}, capture_output=True, text=True,
+                         timeout=120)
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and len(lines) == 2, out.stdout + out.stderr
+    return float(lines[0]), lines[1]
+
+
+def test_glue_offline_flag_fails_at_once(tmp_path):
+    """HF_HUB_OFFLINE=1 and no local data: one line at once (the `datasets` cache, empty here, is all it asks)."""
+    seconds, line = _timed_refusal({"HF_HUB_OFFLINE": "1"}, tmp_path)
+    assert "HF_HUB_OFFLINE is set" in line and "--data-dir" in line and "COMPRESSOR_GLUE_DIR" in line, line
+    assert seconds < 5, seconds  # aim: under 2 s (measured 0.8 s, most of it importing `datasets`)
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"HF_DATASETS_OFFLINE": "1"}, "HF_DATASETS_OFFLINE is set"),
+    ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "hub is unreachable (127.0.0.1:9"),  # a closed port: no network
+    ({"HF_ENDPOINT": "http://no-such-host.invalid"}, "hub is unreachable (no-such-host.invalid"),  # no DNS answer
+])
+def test_glue_without_local_data_or_hub_fails_at_once(monkeypatch, tmp_path, env, needle):
+    """Was: five hub retries with backoff (about 25 s with no network) before the error."""
+    import time
+
+    pytest.importorskip("datasets")  # imported before the flag is set, as in a long-lived process
+    _no_local_glue(monkeypatch, tmp_path)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    start = time.perf_counter()
+    with pytest.raises(DataError) as err:
+        load_data("glue:mrpc")
+    seconds, line = time.perf_counter() - start, str(err.value)
+    assert needle in line and "--data-dir" in line and "COMPRESSOR_GLUE_DIR" in line and "\n" not in line, line
+    assert seconds < 5, seconds  # aim: under 2 s (the probe gives up after 1.5 s)
+
+
+def test_cli_glue_without_hub_is_one_line(headed_model, monkeypatch, tmp_path):
+    _no_local_glue(monkeypatch, tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    code, lines = cli_error("eval", headed_model, "--data", "glue:mrpc", "--max-length", 32)
+    assert code == 2 and len(lines) == 1 and "hub is unreachable" in lines[0] and "--data-dir" in lines[0], lines
+
+
+def test_fallback_dir_replaces_the_hub(monkeypatch, tmp_path):
+    _no_local_glue(monkeypatch, tmp_path)
+    monkeypatch.setattr(readers, "_load_online", lambda *a: pytest.fail("asked the hub"))
+    _write(tmp_path / "pkg" / "WNLI" / "train.tsv", [["index", "sentence1", "sentence2", "label"], [0, "a", "b", 1]])
+    _write(tmp_path / "pkg" / "WNLI" / "dev.tsv", [["index", "sentence1", "sentence2", "label"], [0, "c", "d", 0]])
+    data = load_data("glue:wnli", fallback_dir=tmp_path / "pkg")
+    assert data.source["packaged"] and data.dev == [Example(("c", "d"), 0)]
+    with pytest.raises(DataError, match="no local GLUE data for RTE: pass --data-dir"):
+        load_data("glue:rte", fallback_dir=tmp_path / "pkg")
+    monkeypatch.setenv("COMPRESSOR_GLUE_DIR", str(tmp_path / "elsewhere"))  # a named directory still wins
+    with pytest.raises(DataError, match="no WNLI directory in"):
+        load_data("glue:wnli", fallback_dir=tmp_path / "pkg")
 
 
 # ------------------------------------------------------------------ metrics

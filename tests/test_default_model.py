@@ -33,7 +33,7 @@ def default_env(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def default_model(default_env):
-    return compressor.load_model()
+    return compressor.load_default_model()
 
 
 def test_packaged_weights_are_small_and_fp16():
@@ -128,16 +128,64 @@ def test_default_model_prunes(default_model):
 
 # ------------------------------------------------------------------------------------------------------- the demo
 
-@needs_glue
-def test_demo_runs_end_to_end_on_the_default(default_env, tmp_path):
+def test_packaged_demo_data_is_mrpc_dev_and_the_demo_draw(tmp_path):
+    from compressor.data import load_data
+    from compressor.demo import DEMO_DATA, demo_train_rows, write_packaged_data
+
+    packaged = load_data(str(DEMO_DATA / "MRPC"))
+    assert (len(packaged.train), len(packaged.dev)) == (320, 408) and packaged.spec.name == "mrpc"
+    assert sum(f.stat().st_size for f in (DEMO_DATA / "MRPC").iterdir()) < 256 * 1024
+    assert len(demo_train_rows(3667)) == 320  # the demo's default budget reads 320 distinct train rows
+    if (GLUE / "MRPC").is_dir():  # the shipped rows are what the documented rebuild writes
+        write_packaged_data(GLUE, tmp_path)
+        for name in ("train.tsv", "dev.tsv"):
+            assert (DEMO_DATA / "MRPC" / name).read_bytes() == (tmp_path / "MRPC" / name).read_bytes(), name
+        full = load_data("glue:mrpc", data_dir=GLUE)
+        assert packaged.dev == full.dev and packaged.train == [full.train[i] for i in demo_train_rows(3667)]
+
+
+def test_demo_output_rules(tmp_path, monkeypatch):
+    """A previous demo (an output of ours with demo.json) is replaced; anything else is refused without
+    --overwrite, and with it a directory we did not write, `.`, an ancestor of the working directory or a file."""
+    from compressor.demo import DEMO_RECORD, prepare_out
+    from compressor.errors import CompressorError, OutputExistsError
+    from compressor.io import atomic_output_dir
+
+    with atomic_output_dir(tmp_path / "demo") as tmp:
+        (tmp / DEMO_RECORD).write_text("{}\n")
+    prepare_out(tmp_path / "demo", overwrite=False)  # ours: replaced
+    prepare_out(tmp_path / "new", overwrite=False)  # nothing there yet
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / DEMO_RECORD).write_text("{}\n")  # looks like a demo, not written by us
+    with pytest.raises(OutputExistsError, match="not a demo output"):
+        prepare_out(tmp_path / "mine", overwrite=False)
+    (tmp_path / "file").write_text("x")
+    monkeypatch.chdir(tmp_path / "demo")
+    for target in (tmp_path / "mine", tmp_path / "file", Path("."), tmp_path):
+        with pytest.raises(CompressorError):
+            prepare_out(target, overwrite=True)
+    assert (tmp_path / "mine" / DEMO_RECORD).is_file() and (tmp_path / "file").is_file()
+
+
+def test_demo_runs_end_to_end_on_the_default(default_env, tmp_path, monkeypatch):
+    """Offline on a fresh clone: no --data-dir, no $COMPRESSOR_GLUE_DIR, no ../shared beside the working
+    directory, the hub off; the demo reads the MRPC rows packaged with compressor and never asks the hub."""
+    from compressor.data import readers
     from compressor.demo import DEMO_STAGES, DemoConfig, run_demo
 
-    config = DemoConfig(data_dir=str(GLUE), steps=2, rounds=1, max_drop=1.0, examples=16, batch_sizes=[1, 2],
+    monkeypatch.delenv("COMPRESSOR_GLUE_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # no ../shared/data/glue from here
+    monkeypatch.setattr(readers, "_load_online", lambda *a: pytest.fail("the demo asked the hub"))
+    config = DemoConfig(steps=2, rounds=1, max_drop=1.0, examples=16, batch_sizes=[1, 2],
                         seq_len=32, min_time_s=0.05, dev_examples=48, recovery_steps=2)
     said = []
     record = run_demo(tmp_path / "demo", config, say=said.append)
     out = tmp_path / "demo"
     assert len(said) == DEMO_STAGES == 8
+    assert record["data"]["packaged"] and record["data"]["train_rows"] == 320 and record["data"]["dev_rows"] == 408
+    assert record["dev_examples"] == 48 and "320 train and 408 dev rows packaged" in said[1]
     assert [r["name"] for r in record["rows"]] == ["unpruned", "pruned", "pruned int8"]
     assert record["masks"]["adapters"] == {"kept": 12, "total": 48}
     assert record["masks"]["heads"] == {"kept": 54, "total": 72}
@@ -153,14 +201,11 @@ def test_demo_runs_end_to_end_on_the_default(default_env, tmp_path):
         assert fp32 and max(fp32.values()) <= 1e-4, fp32
     saved = json.loads((out / "demo.json").read_text())
     assert saved["rows"][0]["name"] == "unpruned" and "| unpruned |" in (out / "demo.md").read_text()
+    assert "Data: 320 train and 408 dev rows packaged with compressor" in (out / "demo.md").read_text()
     for path in ("masks/masks.json", "masks/model", "onnx-unpruned/model.onnx", "onnx-pruned/model.int8.onnx",
                  "bench/report.md"):
         assert (out / path).exists(), path
-    # a second demo replaces the first; a directory that is not a demo's is refused
+    # a second demo would replace the first (test_demo_output_rules has the rest)
     from compressor.demo import prepare_out
-    from compressor.errors import OutputExistsError
 
     prepare_out(out, overwrite=False)
-    (tmp_path / "mine").mkdir()
-    with pytest.raises(OutputExistsError, match="not a demo output"):
-        prepare_out(tmp_path / "mine", overwrite=False)

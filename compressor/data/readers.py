@@ -10,6 +10,10 @@ import csv
 import json
 import math
 import os
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -41,8 +45,12 @@ class TaskData:
 
 
 def load_data(spec: str, data_dir=None, task: Optional[str] = None, text_columns=None, label_column=None,
-              label_list=None, dev_fraction: float = 0.1, seed: int = 0) -> TaskData:
-    """Load `--data`. `text_columns` / `label_list` take a sequence or a comma-separated string."""
+              label_list=None, dev_fraction: float = 0.1, seed: int = 0, fallback_dir=None) -> TaskData:
+    """Load `--data`. `text_columns` / `label_list` take a sequence or a comma-separated string.
+
+    `glue:TASK` reads `data_dir`, else `$COMPRESSOR_GLUE_DIR`, else `../shared/data/glue` (from the working
+    directory) when it exists, else downloads with `datasets`. With `fallback_dir` (a GLUE-layout directory, e.g.
+    the demo's packaged rows) that directory replaces the download: the hub is never asked."""
     if not 0.0 < dev_fraction < 1.0:
         raise DataError(f"--dev-fraction must be between 0 and 1 (exclusive), got {dev_fraction}")
     text_columns, label_list = _names(text_columns), _names(label_list)
@@ -52,7 +60,7 @@ def load_data(spec: str, data_dir=None, task: Optional[str] = None, text_columns
     spec = str(spec)
     if spec.lower().startswith("glue:"):
         task_spec = _override(get_task(spec[5:]), text_columns, label_column, label_list)
-        return _load_glue(task_spec, spec, data_dir, split)
+        return _load_glue(task_spec, spec, data_dir, split, fallback_dir)
     path = Path(spec).expanduser()
     if path.is_dir():
         task_spec = get_task(task) if task else find_task(path.name)
@@ -72,9 +80,18 @@ def load_data(spec: str, data_dir=None, task: Optional[str] = None, text_columns
 # ------------------------------------------------------------------ GLUE
 
 
-def _load_glue(spec: TaskSpec, ref: str, data_dir, split) -> TaskData:
+def local_glue_root(data_dir=None) -> Optional[Path]:
+    """The GLUE directory `glue:TASK` reads: `data_dir`, `$COMPRESSOR_GLUE_DIR`, `../shared/data/glue` if it
+    exists (relative to the working directory), else None (download)."""
     explicit = data_dir if data_dir is not None else os.environ.get(GLUE_ENV)
-    root = Path(explicit).expanduser() if explicit else (DEFAULT_GLUE_DIR if DEFAULT_GLUE_DIR.is_dir() else None)
+    if explicit:
+        return Path(explicit).expanduser()
+    return DEFAULT_GLUE_DIR if DEFAULT_GLUE_DIR.is_dir() else None
+
+
+def _load_glue(spec: TaskSpec, ref: str, data_dir, split, fallback_dir=None) -> TaskData:
+    explicit = data_dir if data_dir is not None else os.environ.get(GLUE_ENV)
+    root = local_glue_root(data_dir)
     if root is not None:
         task_dir = root / spec.dir_name
         if task_dir.is_dir():
@@ -83,6 +100,14 @@ def _load_glue(spec: TaskSpec, ref: str, data_dir, split) -> TaskData:
             have = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else "it does not exist"
             raise DataError(f"no {spec.dir_name} directory in {root} (found: {have}); pass --data-dir with a "
                             f"GLUE-layout directory that has {spec.dir_name}/")
+    if fallback_dir is not None:  # packaged rows instead of the hub
+        task_dir = Path(fallback_dir) / spec.dir_name
+        if not task_dir.is_dir():
+            raise DataError(f"no local GLUE data for {spec.dir_name}: pass --data-dir with a GLUE-layout directory "
+                            f"holding {spec.dir_name}/ (or set {GLUE_ENV})")
+        data = _load_task_dir(spec, task_dir, ref, split)
+        data.source["packaged"] = True
+        return data
     return _load_online(spec, ref, split)
 
 
@@ -116,17 +141,76 @@ def _read_glue_tsv(path: Path, spec: TaskSpec) -> list:
     return _examples(path, rows, texts, label, _labeler(spec.label_list))
 
 
+HUB_PROBE_TIMEOUT_S = 1.5  # how long `glue:TASK` waits to learn that the hub cannot be reached
+
+
+def hub_offline_flag() -> Optional[str]:
+    """The environment variable that switches the Hugging Face hub off (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE,
+    TRANSFORMERS_OFFLINE set to 1 / true / yes / on), or None."""
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return name
+    return None
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S, path: str = "/api/datasets/nyu-mll/glue") -> Optional[str]:
+    """Why the Hugging Face hub ($HF_ENDPOINT, default https://huggingface.co; through the proxy the environment
+    names) does not answer an HTTP HEAD of `path` within `timeout` seconds (DNS, connect, TLS and the answer
+    together), or None when it answers (any status below 500).
+
+    `datasets` / huggingface_hub retry a failed request five times with backoff (about 25 s with no network), so
+    `glue:TASK` asks this first and fails in one line at once."""
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    if "://" not in endpoint:
+        endpoint = f"https://{endpoint}"
+    host = urllib.parse.urlparse(endpoint).netloc or endpoint
+    result = {}
+
+    def ask():
+        try:
+            urllib.request.urlopen(urllib.request.Request(endpoint + path, method="HEAD"), timeout=timeout).close()
+            result["ok"] = True
+        except urllib.error.HTTPError as e:  # it answered
+            if e.code < 500:
+                result["ok"] = True
+            else:
+                result["error"] = f"it answered HTTP {e.code}"
+        except Exception as e:  # URLError (DNS, refused, TLS), timeouts, a malformed HF_ENDPOINT
+            reason = getattr(e, "reason", None) or e
+            result["error"] = f"{type(reason).__name__}: {getattr(reason, 'strerror', None) or reason}"
+
+    thread = threading.Thread(target=ask, daemon=True)  # DNS has no timeout of its own: bound everything here
+    thread.start()
+    thread.join(timeout + 0.1)
+    if result.get("ok"):
+        return None
+    return f"{host}: " + result.get("error", f"no answer within {timeout:g} s")
+
+
 def _load_online(spec: TaskSpec, ref: str, split) -> TaskData:
     fix = f"pass --data-dir with a GLUE-layout directory holding {spec.dir_name}/ (or set {GLUE_ENV})"
+    hub = "/".join(spec.hf_name)
+    offline = hub_offline_flag()
+    if not offline:
+        why = hub_unreachable()
+        if why is not None:
+            raise DataError(f"no local GLUE data for {spec.dir_name} and the Hugging Face hub is unreachable ({why}): "
+                            f"{fix}; or set HF_HUB_OFFLINE=1 to use a copy `datasets` cached earlier")
     try:
         import datasets  # optional: only for online GLUE
     except ImportError:
         raise DataError(f"no local GLUE data for {spec.name} and the `datasets` package is not installed: {fix}")
+    if offline and getattr(getattr(datasets, "config", None), "HF_HUB_OFFLINE", True) is False:
+        # `datasets` was imported before the flag was set and would go online: fail as offline mode would
+        raise DataError(f"no local GLUE data for {spec.dir_name} and {offline} is set: {fix}")
     try:
         ds = datasets.load_dataset(*spec.hf_name)
     except Exception as e:  # no network, hub errors: all mean the same to the user
+        if offline:  # offline mode fails at once when the `datasets` cache has no copy
+            raise DataError(f"no local GLUE data for {spec.dir_name}, {offline} is set and `datasets` has no cached "
+                            f"copy of {hub}: {fix}")
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"could not load {'/'.join(spec.hf_name)} with `datasets` ({type(e).__name__}: {msg}): {fix}")
+        raise DataError(f"could not load {hub} with `datasets` ({type(e).__name__}: {msg}): {fix}")
     out = {}
     for ours, theirs in _HF_SPLITS.items():
         theirs = _HF_DEV.get(spec.name, theirs) if ours == "dev" else theirs
@@ -151,7 +235,13 @@ def _load_user_file(path: Path, task, text_columns, label_column, label_list, sp
     elif base is not None:
         labels = base.label_list
     else:
-        labels = _infer_label_list(path, [r.get(label) if isinstance(r, dict) else r[label] for _, r in rows])
+        labels = _infer_label_list(path, [(lineno, r.get(label) if isinstance(r, dict) else r[label])
+                                          for lineno, r in rows])
+        if labels is not None and len(labels) < 2:
+            raise DataError(f"{path}: every row's label is {labels[0]!r}, one class: a classifier needs at least "
+                            f"two; fix the file, or pass --task with the task whose classes these are")
+    if labels is not None and len(labels) < 2:
+        raise DataError(f"{path}: a classification task needs at least two classes, got {list(labels)}")
     if base is not None and labels == base.label_list:
         metrics, main = base.metrics, base.main_metric
     elif labels is None:
@@ -278,13 +368,31 @@ def _number(value) -> Optional[float]:
     return x if math.isfinite(x) else None
 
 
+def _missing(value) -> bool:
+    """An absent label: None, an empty string, or NaN (a float, or text such as "nan" / "NaN")."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            return True
+    if isinstance(value, bool):
+        return False
+    try:
+        return math.isnan(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def _labeler(label_list: Optional[tuple]):
     """value -> label id (by name first; integer file values 0..k-1 map to that id) or float (regression)."""
     if label_list is None:
         def regression(value):
             x = _number(value)
             if x is None:
-                raise ValueError(f"label {value!r} is not a number")
+                if _missing(value):
+                    raise ValueError(f"the label is missing ({value!r}); fill it or remove that row")
+                raise ValueError(f"label {value!r} is not a finite number")
             return x
         return regression
     ids = {name: i for i, name in enumerate(label_list)}
@@ -300,22 +408,31 @@ def _labeler(label_list: Optional[tuple]):
                 return ids[str(int(x))]
             if not numeric_names and 0 <= x < len(label_list):  # GLUE 0/1 files for named labels
                 return int(x)
+        if _missing(value):
+            raise ValueError(f"the label is missing ({value!r}); fill it or remove that row")
         raise ValueError(f"label {value!r} is not one of {list(label_list)}"
                          + ("" if numeric_names else f" nor an id 0..{len(label_list) - 1}"))
     return classify
 
 
 def _infer_label_list(path: Path, values) -> Optional[tuple]:
-    """Integers -> classes (sorted numerically); other numbers -> regression (None); strings -> sorted classes."""
-    numbers = [_number(v) for v in values]
+    """From (line, label) pairs: integers -> classes (sorted numerically); other numbers -> regression (None);
+    strings -> sorted classes. A missing label (empty, null, NaN) or an infinite one is refused with its line."""
+    for lineno, v in values:
+        if _missing(v):
+            raise DataError(f"{path}:{lineno}: the label is missing ({v!r}); fill it or remove that row")
+        if _number(v) is None and not isinstance(v, bool):
+            try:
+                float(str(v).strip())
+            except ValueError:
+                continue
+            raise DataError(f"{path}:{lineno}: label {v!r} is not a finite number; fix or remove that row")
+    numbers = [_number(v) for _, v in values]
     if all(x is not None for x in numbers):
         if all(x.is_integer() for x in numbers):
             return tuple(str(int(x)) for x in sorted(set(numbers)))
         return None
-    names = {"" if v is None else str(v).strip() for v in values}
-    if "" in names:
-        raise DataError(f"{path}: the label column has empty values; fill them or remove those rows")
-    return tuple(sorted(names))
+    return tuple(sorted({str(v).strip() for _, v in values}))
 
 
 def _split(examples: list, path: Path, dev_fraction: float, seed: int):
