@@ -16,10 +16,11 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from .compaction import TOKENIZER_FILES, write_compacted
+from .compaction import write_compacted
 from .compaction import compact as compact_model
 from .io import atomic_output_dir, atomic_write_json, check_output_dir, check_output_file
 from .masks import MaskSet
+from .tokenizers import load_tokenizer, tokenizer_dir_for_outputs
 from .requests import (
     BenchRequest, BenchResult, CompactRequest, CompactResult, DemoRequest, DemoResult, EvalRequest, EvalResult,
     ExportRequest, ExportResult, InspectRequest, InspectResult, ModelOptions, PruneRequest, PruneResult,
@@ -30,7 +31,6 @@ Progress = Optional[Callable[[str], None]]
 
 TRAINED_MODEL_DIR = "model"  # where `compress prune` writes the trained model beside the masks
 TRAIN_RECORD = "train.json"
-TOKENIZER_FIX = "pass --tokenizer NAME_OR_DIR (a directory or hub name of its base checkpoint's tokenizer)"
 
 
 def _say(progress: Progress) -> Callable[[str], None]:
@@ -121,113 +121,6 @@ def compact_to_dir(model: nn.Module, maskset: Optional[MaskSet], out, overwrite:
 
 
 # ----------------------------------------------------------------------------------------------- tokenizer and data
-
-def _has_tokenizer_files(directory: Path) -> bool:
-    return any((directory / name).is_file() for name in TOKENIZER_FILES)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
-
-
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~", ".\\")) or name in (".", "..") or Path(name).is_absolute()
-
-
-def load_tokenizer(model_dir, model: Optional[nn.Module] = None, tokenizer: Optional[str] = None):
-    """The tokenizer for a model (AutoTokenizer, never remote code): from `tokenizer` when given (a local
-    directory first; a hub name only when it is not a local path), else the one saved in `model_dir`. A clear
-    error when there is none, or when its vocabulary does not fit `model`'s embeddings."""
-    from transformers import AutoTokenizer
-
-    from .errors import ModelLoadError
-
-    if tokenizer is not None:
-        name = str(tokenizer)
-        local = Path(name).expanduser()
-        if local.exists():
-            if not local.is_dir() or not _has_tokenizer_files(local):
-                raise ModelLoadError(f"--tokenizer {name}: no tokenizer files there (none of "
-                                     f"{', '.join(TOKENIZER_FILES)}); give a tokenizer directory or hub name")
-            where = str(local)
-        elif _looks_like_path(name):
-            raise ModelLoadError(f"--tokenizer {name}: no such directory")
-        else:
-            return _check_vocab(_hub_tokenizer(name), model, f"--tokenizer {name}")
-    else:
-        model_dir = Path(model_dir)
-        if not _has_tokenizer_files(model_dir):
-            raise ModelLoadError(f"{model_dir} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): "
-                                 f"{TOKENIZER_FIX}")
-        where, name = str(model_dir), None
-    try:
-        loaded = AutoTokenizer.from_pretrained(where, local_files_only=True, trust_remote_code=False)
-    except Exception as e:  # transformers raises many types for broken files
-        what = f"--tokenizer {name}" if name is not None else f"the tokenizer in {where}"
-        raise ModelLoadError(f"cannot load {what}: {_first_line(e)}") from e
-    return _check_vocab(loaded, model, f"--tokenizer {name}" if name else f"in {where}")
-
-
-def _check_vocab(tokenizer, model: Optional[nn.Module], what: str):
-    from .errors import ModelLoadError
-
-    if model is not None:
-        vocab = model.base_model.config.vocab_size
-        if len(tokenizer) > vocab:
-            raise ModelLoadError(f"the tokenizer {what} has {len(tokenizer)} tokens, the model's embeddings only "
-                                 f"{vocab}: they do not belong together")
-    return tokenizer
-
-
-def _hub_tokenizer(name: str):
-    """A tokenizer by hub name: from the local Hugging Face cache, else downloaded; offline, one clear error
-    at once (no minute of retries)."""
-    import logging
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-    from transformers import AutoTokenizer
-
-    from .errors import ModelLoadError
-
-    with contextlib.suppress(Exception):  # the cache first: works offline
-        return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=False)
-    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
-    fix = "pass a local tokenizer directory to --tokenizer"
-    if constants.HF_HUB_OFFLINE:
-        raise ModelLoadError(f"--tokenizer {name}: not a local directory nor in the Hugging Face cache, and "
-                             f"HF_HUB_OFFLINE is set: {fix}")
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        raise ModelLoadError(f"--tokenizer {name}: not a local directory nor in the Hugging Face cache, and {host} "
-                             f"cannot be reached: {fix}") from None
-    loggers = [logging.getLogger(n) for n in ("huggingface_hub", "transformers")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)  # no retry chatter: the error below says it in one line
-    try:
-        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
-    except Exception as e:  # not found, gated, unreachable
-        raise ModelLoadError(f"cannot load --tokenizer {name} from {host}: {_first_line(e)}; {fix}") from e
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-
-
-def _tokenizer_dir(stack: contextlib.ExitStack, tokenizer, source: Path) -> Path:
-    """The directory whose tokenizer files go with the outputs: `tokenizer` (loaded from --tokenizer) saved into
-    a temporary directory, or the model's own directory."""
-    if tokenizer is None:
-        return source
-    import tempfile
-
-    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="compress-tokenizer-")))
-    tokenizer.save_pretrained(str(tmp))
-    return tmp
-
 
 def load_task(data, tokenizer, config=None, data_dir=None, task=None, text_columns=None, label_column=None,
               max_train: Optional[int] = None, max_dev: Optional[int] = None):
@@ -382,7 +275,7 @@ def prune(req: PruneRequest, progress: Progress = None) -> PruneResult:
     masks = run_prune(model, req.method, fractions, seed=req.seed, min_keep=min_keep, data=ctx, options=options)
     say("writing")
     with contextlib.ExitStack() as stack:
-        tokenizer_dir = _tokenizer_dir(stack, tokenizer if req.tokenizer is not None else None, source)
+        tokenizer_dir = tokenizer_dir_for_outputs(stack, tokenizer if req.tokenizer is not None else None, source)
         save_prune_result(masks, req.out, overwrite=req.overwrite, tokenizer_dir=tokenizer_dir, inputs=inputs)
     return _prune_result(req, masks, ctx)
 
@@ -471,7 +364,7 @@ def compact(req: CompactRequest, progress: Progress = None) -> CompactResult:
     _say(progress)("compacting")
     with contextlib.ExitStack() as stack:
         compacted = compact_to_dir(model, maskset, req.out, overwrite=req.overwrite, adapterhub=req.adapterhub,
-                                   source=_tokenizer_dir(stack, tokenizer, source), inputs=_inputs(req))
+                                   source=tokenizer_dir_for_outputs(stack, tokenizer, source), inputs=_inputs(req))
     out = Path(req.out)
     return CompactResult(out=out, before=total_cost(model), after=total_cost(compacted),
                          adapterhub=out / "adapterhub" if req.adapterhub else None, notes=notes)
@@ -505,7 +398,7 @@ def export(req: ExportRequest, progress: Progress = None) -> ExportResult:
         check_head(model, eval_data.spec)
     _say(progress)("exporting")
     with contextlib.ExitStack() as stack:
-        tokenizer_dir = _tokenizer_dir(stack, tokenizer if req.tokenizer is not None else None, source)
+        tokenizer_dir = tokenizer_dir_for_outputs(stack, tokenizer if req.tokenizer is not None else None, source)
         result = export_onnx(model, req.out, maskset, config, overwrite=req.overwrite, tokenizer_dir=tokenizer_dir,
                              progress=progress, eval_data=eval_data)
     attention = []
@@ -622,7 +515,7 @@ def train(req: TrainRequest, progress: Progress = None) -> TrainResult:
         record["tokenizer"] = str(req.tokenizer)
     _say(progress)("writing")
     with contextlib.ExitStack() as stack:
-        tokenizer_dir = _tokenizer_dir(stack, tokenizer if req.tokenizer is not None else None, source)
+        tokenizer_dir = tokenizer_dir_for_outputs(stack, tokenizer if req.tokenizer is not None else None, source)
         save_trained(model, record, req.out, overwrite=req.overwrite, tokenizer_dir=tokenizer_dir, inputs=inputs)
     return TrainResult(out=Path(req.out), parts=parts, record=record, task=ctx.spec.ref,
                        train_examples=len(ctx.train_set), dev_examples=len(ctx.dev_set))
