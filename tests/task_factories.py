@@ -41,6 +41,29 @@ def tiny_tokenizer(directory) -> object:
     return BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
 
 
+def with_tokenizer(model_dir) -> Path:
+    """The tiny tokenizer's vocab.txt plus a tokenizer_config.json: AutoTokenizer loads it from the model dir."""
+    import json
+
+    model_dir = Path(model_dir)
+    tiny_tokenizer(model_dir)
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 64}))
+    return model_dir
+
+
+def write_signal_tsv(path, n_train: int, n_dev: int, seed: int = 0) -> Path:
+    """The signal task as a `--data` file (sentence, label): read with SIGNAL_DATA_ARGS."""
+    task = signal_task(n_train=n_train, n_dev=n_dev, seed=seed)
+    rows = ["sentence\tlabel"] + [f"{e.texts[0]}\t{task.spec.label_list[e.label]}" for e in task.train + task.dev]
+    Path(path).write_text("\n".join(rows) + "\n")
+    return Path(path)
+
+
+def signal_data_args(path) -> tuple:
+    return ("--data", path, "--text-columns", "sentence", "--label-column", "label")
+
+
 def signal_task(n_train: int = 256, n_dev: int = 128, seed: int = 0, length: int = 8) -> TaskData:
     """Binary task: label 1 when the sentence holds 'good', 0 when it holds 'bad', among random filler words."""
     rng = random.Random(seed)

@@ -17,7 +17,7 @@ from compressor.io import OUTPUT_MARKER
 from compressor.masks import META_FILE, TENSORS_FILE, MaskSet, masked_copy
 from compressor.pruning import METHODS
 from factories import make_model_dir, random_inputs
-from task_factories import signal_task, tiny_tokenizer
+from task_factories import signal_data_args, with_tokenizer, write_signal_tsv
 
 runner = CliRunner()
 
@@ -47,14 +47,6 @@ def assert_user_error(result, *needles, out: Path = None):
     return lines[0]
 
 
-def with_tokenizer(model_dir: Path) -> Path:
-    """The tiny tokenizer's vocab.txt plus a tokenizer_config.json: AutoTokenizer loads it from the model dir."""
-    tiny_tokenizer(model_dir)
-    (model_dir / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 64}))
-    return model_dir
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return tmp_path_factory.mktemp("training")
@@ -75,15 +67,10 @@ def flex_dir(root):
 
 @pytest.fixture(scope="module")
 def data_file(root):
-    task = signal_task(n_train=100, n_dev=20, seed=0)
-    path = root / "signal.tsv"
-    rows = ["sentence\tlabel"] + [f"{e.texts[0]}\t{task.spec.label_list[e.label]}" for e in task.train + task.dev]
-    path.write_text("\n".join(rows) + "\n")
-    return path
+    return write_signal_tsv(root / "signal.tsv", n_train=100, n_dev=20)
 
 
-def data_args(data_file):
-    return ("--data", data_file, "--text-columns", "sentence", "--label-column", "label")
+data_args = signal_data_args
 
 
 BUDGET = ("--max-steps", 5, "--batch-size", 8)

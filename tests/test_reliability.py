@@ -22,7 +22,7 @@ from compressor.io import OUTPUT_MARKER
 from compressor.masks import META_FILE, MaskSet
 from compressor.modeling import load_model
 from factories import make_model_dir
-from task_factories import signal_task, tiny_tokenizer
+from task_factories import signal_data_args, with_tokenizer, write_signal_tsv
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -53,13 +53,6 @@ def no_partial(parent: Path) -> bool:
     return not [p.name for p in Path(parent).iterdir() if ".partial" in p.name]
 
 
-def with_tokenizer(directory: Path) -> Path:
-    tiny_tokenizer(directory)
-    (directory / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 64}))
-    return directory
-
-
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return tmp_path_factory.mktemp("reliability")
@@ -78,15 +71,10 @@ def flex_dir(root):
 
 @pytest.fixture(scope="module")
 def data_file(root):
-    task = signal_task(n_train=40, n_dev=12, seed=0)
-    path = root / "signal.tsv"
-    rows = ["sentence\tlabel"] + [f"{e.texts[0]}\t{task.spec.label_list[e.label]}" for e in task.train + task.dev]
-    path.write_text("\n".join(rows) + "\n")
-    return path
+    return write_signal_tsv(root / "signal.tsv", n_train=40, n_dev=12)
 
 
-def data_args(data_file):
-    return ("--data", data_file, "--text-columns", "sentence", "--label-column", "label")
+data_args = signal_data_args
 
 
 @pytest.fixture(scope="module")
