@@ -7,6 +7,7 @@ with `load_model` (manifest + config + safetensors, no pickles).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
@@ -119,10 +120,20 @@ def _compact_site(site: AdapterSite, spec: dict) -> dict:
         fusion: Fusion = site.adapter_fusion_layer[fname]
         mask = fusion.get_mask("adapters")
         kept = [n for i, n in enumerate(names) if mask is None or bool(mask[i])]
+        # kept bottleneck neurons per kept adapter, read before the adapters are replaced
+        neurons = {n: _kept(site.adapters[n].get_mask("bottleneck"), site.adapters[n].width) for n in kept}
         for n in kept:
             adapters[n], new_spec["adapters"][n] = _compact_adapter(site.adapters[n], in_fusion=True)
         has_value = hasattr(fusion, "value")
-        if len(kept) == 1 and not (has_value and fusion.residual_before):
+        if fusion.bottleneck_space and len(kept) == 1 and not has_value:
+            new_spec["active"] = ["single", kept[0]]  # its up projection already holds V
+        elif fusion.bottleneck_space:
+            # a compacted model compacted again: the ups hold V, so it stays in bottleneck space
+            new, entry = _copy_bottleneck(fusion, names, kept, neurons, spec["fusions"][fname])
+            fusions[fname] = new
+            new_spec["fusions"][fname] = dict(entry, adapters=kept)
+            new_spec["active"] = ["fuse", fname, kept]
+        elif len(kept) == 1 and not (has_value and fusion.residual_before):
             # softmax over one adapter is 1: out = V u + residual, a plain adapter with V folded into its up.
             only = adapters[kept[0]]
             if has_value:
@@ -133,6 +144,9 @@ def _compact_site(site: AdapterSite, spec: dict) -> dict:
             new_spec["active"] = ["single", kept[0]]
         else:
             folded, entry = _fold_fusion(fusion, len(kept))
+            ups = [adapters[n] for n in kept]
+            if len(kept) >= 2 and _bottleneck_is_cheaper(folded, ups):
+                folded, entry = _to_bottleneck_space(folded, ups)
             fusions[fname] = folded
             new_spec["fusions"][fname] = dict(entry, adapters=kept)
             new_spec["active"] = ["fuse", fname, kept]
@@ -181,6 +195,95 @@ def _copy_folded(fusion: Fusion, n: int):
             new.value.weight.copy_(fusion.value.weight)
     entry = dict(query=has_q, key=has_k, value=keep_value, residual_before=fusion.residual_before,
                  query_before_ln=fusion.query_before_ln, folded=True)
+    return new, entry
+
+
+_BOTTLENECK_SPACE = {"enabled": True}
+
+
+@contextlib.contextmanager
+def folded_fusions_only():
+    """Within it, compaction never chooses the bottleneck-space fusion (today's folded form everywhere): for
+    benchmarks and tests that compare the two forms. Not thread-safe."""
+    previous = _BOTTLENECK_SPACE["enabled"]
+    _BOTTLENECK_SPACE["enabled"] = False
+    try:
+        yield
+    finally:
+        _BOTTLENECK_SPACE["enabled"] = previous
+
+
+def _bottleneck_is_cheaper(folded: Fusion, adapters: list) -> bool:
+    """Per token, as computed (compressor.flops): the folded fusion plus the n up-projections it mixes, against
+    the bottleneck-space fusion (which computes no up-projection). The down-projections are the same in both."""
+    from .flops import bottleneck_fusion_flops, fusion_flops
+
+    if not _BOTTLENECK_SPACE["enabled"]:
+        return False
+    hidden, widths = folded.hidden_size, [a.width for a in adapters]
+    today = fusion_flops(folded, len(widths), hidden) + sum(2 * hidden * k for k in widths)
+    value_on_residual = hasattr(folded, "value") and folded.residual_before
+    return bottleneck_fusion_flops(hidden, widths, value_on_residual) < today
+
+
+def _to_bottleneck_space(folded: Fusion, adapters: list):
+    """The bottleneck-space form (see Fusion) of a folded fusion over `adapters` (compacted, scalings folded).
+
+    r = R x + c is the folded query side (R = I, c = 0 without score projection). score_proj rows: U_i^T R for
+    every adapter, then b_i^T R; bias U_i^T c, then b_i . c. The value projection goes into each adapter's up
+    projection (V U_i, V b_i); it stays as a module only for the residual when the residual comes before it.
+    Products are formed in float64."""
+    hidden, widths = folded.hidden_size, [a.width for a in adapters]
+    has_value = hasattr(folded, "value")
+    keep_value = has_value and folded.residual_before
+    new = Fusion(hidden, value=keep_value, residual_before=folded.residual_before,
+                 query_before_ln=folded.query_before_ln, folded=True, bottleneck_widths=widths)
+    proj = getattr(folded, "score_proj", None)
+    r_weight = proj.weight.double() if proj is not None else torch.eye(hidden, dtype=torch.float64)
+    r_bias = proj.bias.double() if proj is not None and proj.bias is not None else None
+    v = folded.value.weight.double() if has_value else None
+    with torch.no_grad():
+        ups = [(a.adapter_up.weight.double(), a.adapter_up.bias.double()) for a in adapters]
+        weight = torch.cat([u.T @ r_weight for u, _ in ups] + [b[None, :] @ r_weight for _, b in ups])
+        if r_bias is None:
+            bias = torch.zeros(weight.shape[0], dtype=torch.float64)
+        else:
+            bias = torch.cat([u.T @ r_bias for u, _ in ups] + [(b @ r_bias).reshape(1) for _, b in ups])
+        new.score_proj.weight.copy_(weight)
+        new.score_proj.bias.copy_(bias)
+        if v is not None:
+            for a, (u, b) in zip(adapters, ups):
+                a.adapter_up.weight.copy_(v @ u)
+                a.adapter_up.bias.copy_(v @ b)
+        if keep_value:
+            new.value.weight.copy_(folded.value.weight)
+    has_q, has_k = proj is not None and proj.bias is not None, proj is not None and proj.bias is None
+    entry = dict(query=has_q, key=has_k, value=keep_value, residual_before=folded.residual_before,
+                 query_before_ln=folded.query_before_ln, folded=True, bottleneck_space=True)
+    return new, entry
+
+
+def _copy_bottleneck(fusion: Fusion, names: list, kept: list, neurons: dict, old_entry: dict):
+    """A bottleneck-space fusion restricted to the kept adapters and their kept bottleneck neurons: rows of
+    score_proj go with the neurons (and the b_i . r row with its adapter); the ups already hold V."""
+    widths = [len(neurons[n]) for n in kept]
+    keep_value = hasattr(fusion, "value")
+    new = Fusion(fusion.hidden_size, value=keep_value, residual_before=fusion.residual_before,
+                 query_before_ln=fusion.query_before_ln, folded=True, bottleneck_widths=widths)
+    with torch.no_grad():
+        if hasattr(new, "score_proj"):
+            starts = torch.cumsum(torch.tensor([0] + fusion.widths), 0)
+            total = int(starts[-1])
+            rows = [starts[names.index(n)] + neurons[n] for n in kept]
+            rows += [torch.tensor([total + names.index(n)]) for n in kept]
+            rows = torch.cat(rows).long()
+            new.score_proj.weight.copy_(fusion.score_proj.weight[rows])
+            new.score_proj.bias.copy_(fusion.score_proj.bias[rows])
+        if keep_value:
+            new.value.weight.copy_(fusion.value.weight)
+    entry = dict(query=bool(old_entry.get("query")), key=bool(old_entry.get("key")), value=keep_value,
+                 residual_before=fusion.residual_before,
+                 query_before_ln=fusion.query_before_ln, folded=True, bottleneck_space=True)
     return new, entry
 
 

@@ -17,7 +17,10 @@ def _params(module: nn.Module) -> int:
 def fusion_flops(fusion: Fusion, n: int, hidden: int) -> int:
     """Per token, as our modules compute it. The standard form projects every adapter's output by the key; the
     folded form projects the query once. Both apply the bias-free value projection once, to the mixed context
-    (equal to AdapterHub's value_before_softmax, which applies it to each of the n adapters: V is linear)."""
+    (equal to AdapterHub's value_before_softmax, which applies it to each of the n adapters: V is linear). The
+    bottleneck-space form: `bottleneck_fusion_flops` (its adapters' up projections included)."""
+    if getattr(fusion, "bottleneck_space", False):
+        return bottleneck_fusion_flops(hidden, fusion.widths, hasattr(fusion, "value"))
     if n == 0:
         return 2 * hidden * hidden if hasattr(fusion, "value") else 0
     mix = 4 * n * hidden  # scores and weighted sum
@@ -28,12 +31,28 @@ def fusion_flops(fusion: Fusion, n: int, hidden: int) -> int:
     return proj + mix + (2 * hidden * hidden if hasattr(fusion, "value") else 0)
 
 
+def bottleneck_fusion_flops(hidden: int, widths: list, value_on_residual: bool) -> int:
+    """The bottleneck-space fusion (see Fusion), per token as computed, with the n up-projections it replaces:
+    score_proj h -> (K + n) (K = sum of the widths), the per-adapter dot products (K products, then a K x n
+    block-sum matmul), the K weightings p_i a_i, the mix (K + n) -> h, and V of the residual when the residual
+    comes before V. One adapter: its up projection only (a softmax over one is 1)."""
+    n, total = len(widths), sum(widths)
+    rest = 2 * hidden * hidden if value_on_residual else 0
+    if n <= 1:
+        return 2 * hidden * total + rest
+    scores = 2 * hidden * (total + n) + total + 2 * total * n
+    return scores + total + 2 * hidden * (total + n) + rest
+
+
 def site_cost(site: AdapterSite, hidden: int) -> dict:
     names = active_adapter_names(site)
-    adapter_flops = sum(4 * hidden * site.adapters[n].width + (2 * hidden if hasattr(site.adapters[n], "gate") else 0)
-                        for n in names)
+    fuse = site.active is not None and site.active[0] == "fuse"
+    # a bottleneck-space fusion computes its adapters' up projections inside its mix: they count there
+    ups = 0 if fuse and getattr(site.adapter_fusion_layer[site.active[1]], "bottleneck_space", False) else 1
+    adapter_flops = sum(2 * (1 + ups) * hidden * site.adapters[n].width
+                        + (2 * hidden if hasattr(site.adapters[n], "gate") else 0) for n in names)
     fusion = fusion_params = 0
-    if site.active is not None and site.active[0] == "fuse":
+    if fuse:
         module = site.adapter_fusion_layer[site.active[1]]
         fusion, fusion_params = fusion_flops(module, len(names), hidden), _params(module)
     return dict(adapters=names, widths=[site.adapters[n].width for n in names], adapter_flops=adapter_flops,

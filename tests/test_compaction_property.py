@@ -24,6 +24,16 @@ VARIANTS = {
         fusion_overrides=dict(residual_before=True, query_before_ln=True)),
     "roberta-houlsby-keyless": dict(model_type="roberta", adapter_config="double_seq_bn", fusion="dynamic",
                                     fusion_overrides=dict(key=False)),
+    # scores x . u_i (no query, no key); layer 0's adapters are h/2 wide (sum of widths 3h/2): the fusion stays
+    # folded there unless pruning narrows them; layer 1's go to bottleneck space
+    "bert-wide-first-layer": dict(model_type="bert", adapter_config="seq_bn", fusion="dynamic",
+                                  fusion_overrides=dict(query=False, key=False),
+                                  adapter_overrides=dict(reduction_factor={"0": 2, "default": 16})),
+    # compacted (bottleneck-space fusions) and reloaded: pruned and compacted again
+    "compacted-bert-pfeiffer-dynamic-flex": dict(model_type="bert", adapter_config="seq_bn", fusion="dynamic",
+                                                 head="flex", compacted=True),
+    "compacted-bert-residual-before": dict(model_type="bert", adapter_config="seq_bn", fusion="dynamic",
+                                           fusion_overrides=dict(residual_before=True), compacted=True),
     "bert-single-adapter-gated-channel": dict(
         model_type="bert", adapter_config="seq_bn", fusion=None, n_adapters=1,
         adapter_overrides=dict(use_gating=True, ln_after=True, ln_before=True, scaling="channel")),
@@ -34,8 +44,13 @@ VARIANTS = {
 def models(tmp_path_factory):
     out = {}
     for name, kwargs in VARIANTS.items():
+        kwargs = dict(kwargs)
+        compacted = kwargs.pop("compacted", False)
         d = make_model_dir(tmp_path_factory.mktemp(name), **kwargs)
-        out[name] = (kwargs["model_type"], compressor.load_model(d))
+        model = compressor.load_model(d)
+        if compacted:
+            model = compressor.load_model(save_compacted(compact(model), tmp_path_factory.mktemp(name) / "c"))
+        out[name] = (kwargs["model_type"], model)
     return out
 
 
@@ -119,8 +134,9 @@ def test_all_heads_pruned_layer_keeps_output_bias(models):
 
 def test_folded_fusion_is_cheaper(models):
     """The rewritten fusion costs 2h^2 + O(nh) per token instead of (n+2)h^2 (AdapterHub's (2n+1)h^2 with V
-    already applied once to the mix)."""
-    from compressor.flops import fusion_flops
+    already applied once to the mix); in bottleneck space 4h(K + n) + O(nK) with the up projections included."""
+    from compressor.compaction import _fold_fusion
+    from compressor.flops import fusion_flops, site_cost
     _, model = models["bert-pfeiffer-dynamic-flex"]
     compacted = compact(model)
     hidden = model.base_model.config.hidden_size
@@ -128,8 +144,80 @@ def test_folded_fusion_is_cheaper(models):
     fname, names = site.active[1], site.active[2]
     n = len(names)
     assert fusion_flops(site.adapter_fusion_layer[fname], n, hidden) == 2 * hidden * hidden * (n + 2) + 4 * n * hidden
-    assert fusion_flops(new_site.adapter_fusion_layer[fname], n, hidden) == 4 * hidden * hidden + 4 * n * hidden
-    assert not hasattr(new_site.adapter_fusion_layer[fname], "key")
+    folded, _ = _fold_fusion(site.adapter_fusion_layer[fname], n)
+    assert fusion_flops(folded, n, hidden) == 4 * hidden * hidden + 4 * n * hidden
+    assert not hasattr(folded, "key")
+    fusion = new_site.adapter_fusion_layer[fname]
+    assert fusion.bottleneck_space and not hasattr(fusion, "key") and not hasattr(fusion, "value")
+    widths = [site.adapters[a].width for a in names]
+    k = sum(widths)
+    assert fusion.widths == widths
+    assert fusion_flops(fusion, n, hidden) == 4 * hidden * (k + n) + 2 * k + 2 * k * n
+    after = site_cost(new_site, hidden)
+    assert after["adapter_flops"] == 2 * hidden * k  # the up projections are in the fusion's mix
+    assert after["adapter_flops"] + after["fusion_flops"] < 2 * hidden * k + fusion_flops(folded, n, hidden) + 2 * hidden * k
+
+
+def _forms(model) -> dict:
+    return {(i, s): f.get("bottleneck_space", False) for i, layer in enumerate(model.compress_manifest["layers"])
+            for s, site in layer["sites"].items() for f in site["fusions"].values()}
+
+
+def test_bottleneck_space_only_where_cheaper(models, tmp_path):
+    """Chosen per site by FLOPs as computed: layer 0's wide adapters (K = 3h/2) keep the folded form, layer 1's
+    narrow ones go to bottleneck space; pruning layer 0's bottleneck to a third moves it there too. Exact,
+    recorded in the manifest, reloaded as such."""
+    from compressor.compaction import _bottleneck_is_cheaper, _fold_fusion
+    from compressor.flops import total_cost
+    model_type, model = models["bert-wide-first-layer"]
+    compacted = compact(model)
+    assert _forms(compacted) == {(0, "output_adapter"): False, (1, "output_adapter"): True}
+    site = compacted.base_model.encoder.layer[0].output
+    assert not site.adapter_fusion_layer[site.active[1]].bottleneck_space
+    inputs = random_inputs(model_type, 3, 9, "random", seed=5)
+    assert (_output(compacted, inputs) - _output(model, inputs)).abs().max() <= 1e-5
+    from compressor.compaction import folded_fusions_only
+    with folded_fusions_only():  # the same compaction with today's folded form everywhere
+        old = compact(model)
+    assert not any(_forms(old).values())
+    assert total_cost(compacted)["flops_per_token"] < total_cost(old)["flops_per_token"]
+    reloaded = compressor.load_model(save_compacted(compacted, tmp_path / "c"))
+    assert _forms(reloaded) == _forms(compacted)
+    assert (_output(reloaded, inputs) - _output(compacted, inputs)).abs().max() == 0
+    # a third of layer 0's bottleneck neurons: K = 15 < h, now cheaper in bottleneck space
+    masks = {}
+    for unit in iter_units(model):
+        if unit.kind == "bottleneck" and ".layer.0." in unit.key:
+            keep = torch.zeros(unit.size, dtype=torch.bool)
+            keep[: unit.size // 3] = True
+            masks[unit.key] = keep
+    from compressor.units import fingerprint
+    maskset = MaskSet(masks, fingerprint(model))
+    pruned = compact(model, maskset)
+    assert _forms(pruned) == {(0, "output_adapter"): True, (1, "output_adapter"): True}
+    assert (_output(pruned, inputs) - _output(masked_copy(model, maskset), inputs)).abs().max() <= 1e-5
+    site = model.base_model.encoder.layer[0].output
+    folded, _ = _fold_fusion(site.adapter_fusion_layer[site.active[1]], 3)
+    assert not _bottleneck_is_cheaper(folded, [site.adapters[a] for a in site.active[2]])
+
+
+def test_bottleneck_space_manifest_is_checked(models, tmp_path):
+    import json
+
+    from compressor.errors import ModelLoadError
+    from compressor.modeling.loading import MANIFEST_FILE
+    _, model = models["bert-pfeiffer-dynamic-flex"]
+    for value, field in (("yes", "bottleneck_space"), (True, "folded")):
+        d = save_compacted(compact(model), tmp_path / f"c-{field}")
+        manifest = json.loads((d / MANIFEST_FILE).read_text())
+        fusion = next(iter(manifest["layers"][0]["sites"]["output_adapter"]["fusions"].values()))
+        assert fusion["bottleneck_space"] is True and fusion["folded"] is True
+        fusion["bottleneck_space"] = value
+        if field == "folded":
+            fusion["folded"] = False
+        (d / MANIFEST_FILE).write_text(json.dumps(manifest))
+        with pytest.raises(ModelLoadError, match=field):
+            compressor.load_model(d)
 
 
 def test_compacted_directory_reloads(models, tmp_path):
@@ -161,3 +249,26 @@ def test_compacting_a_compacted_model_again_is_exact(models, name, tmp_path):
     assert (_output(folded_only, inputs) - _output(reloaded, inputs)).abs().max() <= 1e-5
     assert (_output(compact(reloaded, second), inputs) - _output(masked_copy(reloaded, second), inputs)
             ).abs().max() <= 1e-5
+
+
+def test_compacted_adapterhub_cases_match_adapterhub(tmp_path):
+    """The AdapterHub parity matrix (test_adapterhub_parity.py's references, one format per case), compacted
+    (bottleneck-space fusions where cheaper), still gives what the `adapters` library gives (atol 1e-5)."""
+    pytest.importorskip("adapters")
+    import adapterhub_reference as ref
+
+    store, chosen = ref.ReferenceStore(tmp_path), 0
+    for case, fmt in ref.iter_case_formats(ref.CASES):
+        if fmt != case.formats[0] or (case.head == "flex" and fmt.startswith("split")):
+            continue
+        spec = store.saved(case, fmt)
+        model = compressor.load_model(spec["path"], adapters=spec["adapters"], fusion=spec["fusion"],
+                                      setup=spec["setup"])
+        compacted = compact(model)
+        chosen += sum(_forms(compacted).values())
+        for padding in ref.PADDINGS:
+            with torch.no_grad():
+                got = ref.output_of(compacted(**store.inputs(case, padding)), case)
+            diff = ref.max_abs_diff(got, store.expected(case, padding))
+            assert diff <= 1e-5, f"{case.id}/{fmt}/{padding}: {diff:.3g}"
+    assert chosen > 0

@@ -84,9 +84,14 @@ def site_adapter_entry(cfg: BottleneckConfig, width: int) -> dict:
                 scaling=cfg.scaling)
 
 
-def site_fusion_entry(fcfg: FusionConfig, names: list, folded: bool = False) -> dict:
-    return dict(adapters=list(names), query=fcfg.query, key=fcfg.key, value=fcfg.value,
-                residual_before=fcfg.residual_before, query_before_ln=fcfg.query_before_ln, folded=folded)
+def site_fusion_entry(fcfg: FusionConfig, names: list, folded: bool = False, bottleneck_space: bool = False) -> dict:
+    """`bottleneck_space` (written only when true, by compaction): the fusion computes in its adapters'
+    bottleneck space (see Fusion) and its shapes follow their widths."""
+    entry = dict(adapters=list(names), query=fcfg.query, key=fcfg.key, value=fcfg.value,
+                 residual_before=fcfg.residual_before, query_before_ln=fcfg.query_before_ln, folded=folded)
+    if bottleneck_space:
+        entry.update(folded=True, bottleneck_space=True)
+    return entry
 
 
 def manifest_from_adapterhub(config: PretrainedConfig, model_class: str, adapters: dict, fusions: dict,
@@ -202,8 +207,11 @@ def install_modules(model: nn.Module, manifest: dict) -> nn.Module:
                     hidden, a["width"], a["non_linearity"], a["ln_before"], a["ln_after"],
                     a["adapter_residual_before_ln"], a["use_gating"], a["scaling"])
             for name, f in site["fusions"].items():
+                # bottleneck space (compaction's choice, see Fusion): shapes follow the fused adapters' widths
+                widths = [site["adapters"][n]["width"] for n in f["adapters"]] if f.get("bottleneck_space") else None
                 site_module.adapter_fusion_layer[name] = Fusion(
-                    hidden, f["query"], f["key"], f["value"], f["residual_before"], f["query_before_ln"], f["folded"])
+                    hidden, f["query"], f["key"], f["value"], f["residual_before"], f["query_before_ln"], f["folded"],
+                    bottleneck_widths=widths)
     apply_setup(model, manifest)
     return model
 

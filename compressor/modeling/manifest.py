@@ -70,3 +70,13 @@ def _check_site(site, field: str, bad) -> None:
         check_name(name, "fusion")
         if not isinstance(f, dict) or not isinstance(f.get("adapters"), list):
             bad(f"{field}.fusions.{name}.adapters", "must be a list of adapter names")
+        space = f.get("bottleneck_space", False)
+        if not isinstance(space, bool):
+            bad(f"{field}.fusions.{name}.bottleneck_space", f"must be true or false, got {space!r}")
+        if space:  # its shapes come from the widths of the adapters it fuses
+            missing = [n for n in f["adapters"] if not isinstance(n, str) or n not in adapters]
+            if missing:
+                bad(f"{field}.fusions.{name}.adapters", f"names adapter(s) the site does not have ({missing[0]!r}), "
+                                                        "which a bottleneck-space fusion needs for its shapes")
+            if f.get("folded") is not True:
+                bad(f"{field}.fusions.{name}.folded", "must be true for a bottleneck-space fusion")

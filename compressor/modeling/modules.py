@@ -186,16 +186,42 @@ class Fusion(nn.Module, Maskable):
     - "folded" (after compaction): scores_i = u_i . (M x + c) with M = Wk^T Wq and c = Wk^T bq (the key bias
       adds the same q.bk to every score, which the softmax cancels), and the bias-free value projection applied
       once to the softmax-weighted sum: 2h^2 + O(nh) per token instead of (2n+1)h^2.
+    - "bottleneck space" (after compaction, `bottleneck_widths` given: the fused adapters' widths k_i, in order):
+      the fusion reads the adapters' bottleneck activations a_i instead of their outputs u_i = U_i a_i + b_i.
+      With r = R x + c the folded query side, score_i = r . u_i = (U_i^T R x + U_i^T c) . a_i + (b_i^T R x + b_i^T c),
+      so one `score_proj` h -> (sum k + n) gives every U_i^T r block and every b_i . r; the mix V sum_i p_i u_i =
+      sum_i p_i (V U_i a_i + V b_i) is one (sum k + n) -> h matmul over [p_1 a_1, ..., p_n a_n, p] whose weight is
+      the fused adapters' `adapter_up` (V U_i, V b_i: compaction folds V into them) side by side. No h x h
+      matmul is left except V on the residual when the residual comes before V (`value` is then that V).
+      Exact for every supported configuration: the fusion mixes the adapters' scaled up-projections only, which
+      are affine in a_i (gating, ln_after and the adapter residual are not part of them).
     The `adapters` mask removes a fused adapter from the softmax; with none left the mixed context is zero.
     """
 
     def __init__(self, hidden_size: int, query: bool = True, key: bool = True, value: bool = True,
-                 residual_before: bool = False, query_before_ln: bool = False, folded: bool = False):
+                 residual_before: bool = False, query_before_ln: bool = False, folded: bool = False,
+                 bottleneck_widths: Optional[list] = None):
         super().__init__()
         self.hidden_size = hidden_size
         self.residual_before = residual_before
         self.query_before_ln = query_before_ln
-        self.folded = folded
+        self.folded = folded or bottleneck_widths is not None
+        self.bottleneck_space = bottleneck_widths is not None
+        if self.bottleneck_space:
+            widths = [int(k) for k in bottleneck_widths]
+            self.widths = widths
+            n, total = len(widths), sum(widths)
+            if n >= 2:  # a softmax over one adapter is 1: no scores
+                self.score_proj = nn.Linear(hidden_size, total + n)
+            # which adapter each bottleneck column belongs to, and that as a [sum k, n] 0/1 matrix (block sums)
+            seg = torch.repeat_interleave(torch.arange(n), torch.tensor(widths, dtype=torch.long)) if n else \
+                torch.zeros(0, dtype=torch.long)
+            self.register_buffer("segment", seg, persistent=False)
+            self.register_buffer("block_sum", nn.functional.one_hot(seg, n).to(torch.float32) if n else
+                                 torch.zeros(0, 0), persistent=False)
+            if value:  # V of the residual, which comes before V (residual_before); V of the mix is in the ups
+                self.value = nn.Linear(hidden_size, hidden_size, bias=False)
+            return
         if folded:
             if query or key:
                 self.score_proj = nn.Linear(hidden_size, hidden_size, bias=query)
@@ -212,11 +238,16 @@ class Fusion(nn.Module, Maskable):
             return self.score_proj(query) if hasattr(self, "score_proj") else query
         return self.query(query) if hasattr(self, "query") else query
 
-    def forward(self, query: torch.Tensor, ups: list, residual: torch.Tensor) -> torch.Tensor:
+    def forward(self, query: torch.Tensor, ups: list, residual: torch.Tensor, up_layers: Optional[list] = None
+                ) -> torch.Tensor:
         """query [b, s, h]; ups: the n fused adapters' scaled up-projections, each [b, s, h]; residual [b, s, h].
+        In bottleneck space `ups` are the adapters' bottleneck activations a_i [b, s, k_i] and `up_layers` their
+        `adapter_up` Linears (V U_i, V b_i).
 
         Scores and the weighted sum are per-adapter multiply-and-reduce ops rather than einsums over a stacked
         [b, s, n, h] tensor: no copy into a stack, and onnxruntime runs Mul/ReduceSum far faster than Einsum."""
+        if self.bottleneck_space:
+            return self._bottleneck_forward(query, ups, residual, up_layers)
         n = len(ups)
         gate = self.__dict__.get("gate_adapters")
         if gate is not None:  # criteria read dL/dgate here: a gate scales each fused adapter's output
@@ -233,8 +264,43 @@ class Fusion(nn.Module, Maskable):
                 context = context + probs[..., i:i + 1] * ups[i]
         return self.finish(context, residual)
 
+    def _bottleneck_forward(self, query, acts: list, residual, up_layers: list) -> torch.Tensor:
+        n = len(acts)
+        rest = self.value(residual) if hasattr(self, "value") else residual
+        mask = self.get_mask("adapters")
+        if n == 0 or (mask is not None and not bool(mask.any())):
+            return rest  # a zero mix
+        gate = self.__dict__.get("gate_adapters")
+        if n == 1:
+            mix = linear(acts[0], up_layers[0])
+            return (mix * gate[0] if gate is not None else mix) + rest
+        acts_all = torch.cat(acts, dim=-1)  # [b, s, sum k]
+        probs = self._bottleneck_probs(query, acts_all)
+        if gate is not None:  # a gate scales u_i: its score above, its share of the mix here
+            probs = probs * gate.to(probs.dtype)
+        mixed = torch.cat([acts_all * probs.index_select(-1, self.segment), probs], dim=-1)
+        weight = torch.cat([u.weight for u in up_layers] + [u.bias.unsqueeze(-1) for u in up_layers], dim=-1)
+        return nn.functional.linear(mixed, weight) + rest
+
+    def _bottleneck_probs(self, query: torch.Tensor, acts_all: torch.Tensor) -> torch.Tensor:
+        total = acts_all.shape[-1]
+        proj = self.score_proj(query)  # [b, s, sum k + n]: the U_i^T r blocks, then b_i . r
+        scores = torch.matmul(proj[..., :total] * acts_all, self.block_sum.to(proj.dtype)) + proj[..., total:]
+        gate = self.__dict__.get("gate_adapters")
+        if gate is not None:
+            scores = scores * gate.to(scores.dtype)
+        mask = self.get_mask("adapters")
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1)
+
     def attention(self, query: torch.Tensor, ups: list) -> torch.Tensor:
-        """The fusion's softmax weights [b, s, n] over the fused adapters (masked ones get 0)."""
+        """The fusion's softmax weights [b, s, n] over the fused adapters (masked ones get 0). In bottleneck
+        space `ups` are the bottleneck activations."""
+        if self.bottleneck_space:
+            if len(ups) < 2:
+                return torch.ones(*query.shape[:-1], len(ups), dtype=query.dtype, device=query.device)
+            return self._bottleneck_probs(query, torch.cat(ups, dim=-1))
         r = self._query_side(query)
         keys = [self.key(u) for u in ups] if not self.folded and hasattr(self, "key") else ups
         scores = torch.stack([(r * k).sum(-1) for k in keys], dim=-1)
@@ -298,8 +364,11 @@ class AdapterSite(nn.Module):
         if fuse and not fusion.query_before_ln:
             query = h
         if fuse:
-            names = self.active[2]
-            out = fusion(query, [self.adapters[n].up(h) for n in names], residual)
+            fused = [self.adapters[n] for n in self.active[2]]
+            if fusion.bottleneck_space:
+                out = fusion(query, [a.bottleneck(h) for a in fused], residual, up_layers=[a.adapter_up for a in fused])
+            else:
+                out = fusion(query, [a.up(h) for a in fused], residual)
         else:
             out, _ = self.adapters[self.active[1]](h, residual)
         # AdapterHub's Adapter.post_forward

@@ -205,6 +205,12 @@ class FusionInfluenceCriterion(Criterion):
         bad = sorted({u.kind for u in units} - {"adapters"})
         if bad:
             raise PruningConfigError(f"criterion 'fusion-influence' scores fused adapters only, not {bad[0]}")
+        compacted = [u.module_path for u in units if getattr(model.get_submodule(u.module_path), "bottleneck_space",
+                                                                False)]
+        if compacted:  # its inputs are bottleneck activations, not the adapters' outputs the influence is made of
+            raise PruningConfigError(f"criterion 'fusion-influence' needs the fusion's adapter outputs, which the "
+                                     f"compacted fusion at {compacted[0]} computes in bottleneck space: score the "
+                                     "model before compaction")
         totals = {u.key: torch.zeros(u.shape, dtype=torch.float64) for u in units}
         count = {"tokens": 0.0}
         current = {}
