@@ -8,6 +8,15 @@ instead and reuses onnxruntime's own node builder, so every attention block beco
 Heads are read per layer from the Q Reshape in the graph (`num_heads=0, hidden_size=0`): after pruning,
 layers differ and `config.num_attention_heads` is wrong. The attention mask goes in raw (a [batch, seq] 0/1
 tensor), because onnxruntime's default mask-index format assumes right padding.
+
+Residual additions are written as `Sum`, not `Add` (`residual_sums`): onnxruntime fuses Add + LayerNormalization
+into SkipLayerNormalization when a session loads a graph (`SkipLayerNormFusion`, level 2, on by default), and
+on the CPU that kernel is several times slower than the pair it replaces in onnxruntime 1.30 to 1.32 (5-7x on
+the residual LayerNorms of a [b, 128, 384] graph; benchmarks/results/sessions.md). The fusion matches only a
+LayerNormalization whose input comes from an `Add` (skip_layer_norm_fusion.cc), and a two-input `Sum` is the same
+IEEE addition, so every session, ours or a plain `InferenceSession(path)`, runs the fast pair with no option.
+Providers whose fused kernel is the fast one (CUDA) get the `Add` back when our session loads the graph
+(`skip_layer_norm_form`, used by `exporters.runtime.make_session`).
 """
 
 from __future__ import annotations
@@ -102,17 +111,45 @@ def optimize_graph(src: Path, dst: Path, model_type: str = "bert") -> None:
     _, FusionOptions, optimize_model = _optimizer_modules()
     options = FusionOptions(model_type)
     options.use_raw_attention_mask(True)
-    # Add + LayerNormalization stay unfused: onnxruntime's CPU SkipLayerNormalization kernel is slower than the
-    # pair (1.20x at batch 1, 1.29x at batch 8 on the compacted default, onnxruntime 1.31); see CPU_SESSION_FUSIONS_OFF
+    # Add + LayerNormalization stay unfused, and their Add becomes a Sum below (residual_sums): onnxruntime's CPU
+    # SkipLayerNormalization kernel is slower than the pair, and a Sum is what its load-time fusion leaves alone
     options.enable_skip_layer_norm = False
     # onnxruntime warns that pruned layers' Q/K/V width differs from the input width: expected, not a fault
     logging.getLogger("fusion_attention").setLevel(logging.ERROR)
     model = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0,
                            optimization_options=options, opt_level=0)
     adapter_attention_fusion(model).apply()
+    residual_sums(model.model)
     model.topological_sort()
     big = sum(t.ByteSize() for t in model.model.graph.initializer) > TWO_GB
     model.save_model_to_file(str(dst), use_external_data_format=big)
+
+
+def _residual_adds(graph, op_type: str) -> list:
+    """The two-input `op_type` nodes whose output is the input of a LayerNormalization."""
+    ln_inputs = {n.input[0] for n in graph.node if n.op_type == "LayerNormalization" and n.domain in ("", "ai.onnx")}
+    return [n for n in graph.node if n.op_type == op_type and n.domain in ("", "ai.onnx") and len(n.input) == 2
+            and n.output[0] in ln_inputs]
+
+
+def residual_sums(model: onnx.ModelProto) -> int:
+    """Rewrite every Add that feeds a LayerNormalization as a two-input Sum (same broadcasting, same IEEE
+    addition: the outputs are bit for bit the same), which onnxruntime's load-time SkipLayerNormFusion does not
+    match, so no session turns the pair into the slow CPU SkipLayerNormalization kernel. Returns the count."""
+    nodes = _residual_adds(model.graph, "Add")
+    for node in nodes:
+        node.op_type = "Sum"
+    return len(nodes)
+
+
+def skip_layer_norm_form(model: onnx.ModelProto) -> int:
+    """The inverse of `residual_sums`, for providers whose fused SkipLayerNormalization is the fast kernel (CUDA):
+    every two-input Sum that feeds a LayerNormalization becomes an Add again, which onnxruntime fuses with the
+    LayerNormalization when it loads the graph. Returns the count."""
+    nodes = _residual_adds(model.graph, "Sum")
+    for node in nodes:
+        node.op_type = "Add"
+    return len(nodes)
 
 
 _LAYER = re.compile(r"layer\.(\d+)/")

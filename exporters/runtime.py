@@ -54,17 +54,33 @@ def check_onnx_file(path) -> Path:
     return path
 
 
-# onnxruntime would fuse Add + LayerNormalization back into SkipLayerNormalization when it loads a graph; on the
-# CPU the fused kernel is the slower one, so CPU sessions turn that load-time fusion off (other providers keep it).
-# A graph that already holds SkipLayerNormalization nodes (e.g. optimum's) runs as it is.
-CPU_SESSION_FUSIONS_OFF = ["SkipLayerNormFusion"]
+# Providers on which onnxruntime's fused SkipLayerNormalization is the fast kernel: our sessions give them the
+# graph with its residual Sums turned back into Adds, which onnxruntime fuses at load. On the CPU the unfused pair
+# is the fast one, and the graph as written (Sum + LayerNormalization) is what every session runs, a plain
+# `InferenceSession(path)` included (exporters/optimize.py, residual_sums).
+SKIP_LAYER_NORM_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+
+def skip_layer_norm_graph(path, options) -> Optional[bytes]:
+    """The graph at `path` with every residual Sum that feeds a LayerNormalization back as an Add (so that
+    onnxruntime fuses the pair into SkipLayerNormalization at load), serialized; None when it has none. Weights
+    in external data stay where they are: `options` is told the folder to read them from."""
+    from .optimize import skip_layer_norm_form
+
+    model = onnx.load(str(path), load_external_data=False)
+    if not skip_layer_norm_form(model):
+        return None
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                     str(Path(path).resolve().parent))
+    return model.SerializeToString()
 
 
 def make_session(path, provider: str = "cpu", threads: Optional[int] = None, optimization: str = "all",
                  profile_prefix: Optional[str] = None):
     """An InferenceSession on one provider (CPU kept as fallback for ops the provider lacks), with intra-op
-    threads pinned when `threads` is given and inter-op threads at 1 (sequential execution), and on the CPU
-    without the load-time SkipLayerNormalization fusion (CPU_SESSION_FUSIONS_OFF). With
+    threads pinned when `threads` is given and inter-op threads at 1 (sequential execution); otherwise onnxruntime's
+    defaults, so a CPU session runs the graph as a plain `InferenceSession(path)` does. On CUDA and TensorRT the
+    residual Sums become Adds again (skip_layer_norm_graph), for the fused SkipLayerNormalization kernel. With
     `profile_prefix`, onnxruntime profiles every run into a JSON file of that prefix (see end_profiling)."""
     import onnxruntime as ort
 
@@ -82,9 +98,21 @@ def make_session(path, provider: str = "cpu", threads: Optional[int] = None, opt
     if profile_prefix:
         options.enable_profiling, options.profile_file_prefix = True, profile_prefix
     providers = [name] if name == "CPUExecutionProvider" else [name, "CPUExecutionProvider"]
-    disabled = CPU_SESSION_FUSIONS_OFF if name == "CPUExecutionProvider" else None
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=providers,
-                                    disabled_optimizers=disabled)
+        graph = skip_layer_norm_graph(path, options) if name in SKIP_LAYER_NORM_PROVIDERS else None
+        return ort.InferenceSession(str(path) if graph is None else graph, sess_options=options, providers=providers)
     except Exception as e:
         raise ExportError(f"onnxruntime could not load {path}: {str(e).splitlines()[0]}") from None
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc `malloc_trim`): protobuf and numpy leave
+    large freed blocks in the heap that would otherwise keep each export stage's peak resident until the end."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
