@@ -6,6 +6,8 @@ from pathlib import Path
 
 from compressor.flops import total_cost
 
+from .variants import VARIANTS
+
 
 def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MB"
@@ -19,6 +21,15 @@ def attention_rows(result) -> list:
         ok = (not nodes) if heads == 0 else nodes == [heads]
         rows.append((i, heads, len(nodes), nodes, ok))
     return rows
+
+
+def parity_row(target: str, worst: float, parity: dict) -> str:
+    """One row of the parity table: what the target was held to (parity.json's `targets`) and the verdict."""
+    info = parity.get("targets", {}).get(target, {})
+    tol = info.get("tolerance", parity["atol"])
+    held = "recorded only" if tol is None else f"{tol:g}"
+    verdict = "recorded" if tol is None else ("ok" if info.get("passed", worst <= tol) else "MISMATCH")
+    return f"| {target} | {info.get('provider') or '-'} | {held} | {worst:.2e} | {verdict} |"
 
 
 def write_export_md(result, compacted, path: Path, optimized: bool) -> None:
@@ -44,34 +55,17 @@ def write_export_md(result, compacted, path: Path, optimized: bool) -> None:
     lines += ["", "## Parity against the masked PyTorch model", "",
               f"{len(p['checks'])} checks (right-, left- and randomly padded rows; two batch sizes and two "
               f"sequence lengths), atol {p['atol']:g}, seed {p['seed']}: **{'passed' if p['passed'] else 'FAILED'}**.",
-              "", "| target | worst max abs diff |", "|---|---|"]
-    lines += [f"| {t} | {d:.2e} |" for t, d in p["worst"].items()]
-    if result.int8 is not None:
-        dense, q = result.sizes[result.files["model"]], result.sizes[result.files["int8"]]
-        lines += ["", "## int8 (onnxruntime dynamic quantization: optimise, pre-process, quantize)", "",
-                  f"`model.int8.onnx`: {_mb(q)} ({dense / q:.2f}x smaller than `model.onnx`). Output deviation from "
-                  f"the reference: max abs diff {result.int8['max_abs_diff']:.3e}; recorded, not held to atol. "
-                  "Measure its latency with `compress bench`."]
-        if "accuracy" in result.int8:
-            acc = result.int8["accuracy"]
-            lines += ["", f"Dev metrics on {result.int8['data']}:", "", "| metric | fp32 | int8 | change |", "|---|---|---|---|"]
-            lines += [f"| {k} | {acc['fp32'][k]:.4f} | {acc['int8'][k]:.4f} | {acc['change'][k]:+.4f} |" for k in acc["fp32"]]
-    if result.sparse is not None and "sparse" not in result.files:
-        lines += ["", "## Sparse initializers", "",
-                  f"No `model.sparse.onnx` written: no weight tensor is below the break-even density "
-                  f"{result.sparse['break_even_density']:.3f} (fp32 values with int64 indices). Prune single weights "
-                  "(`--sparsity weights=...`) to leave zeros that compaction cannot remove."]
-    elif result.sparse is not None:
-        s = result.sparse
-        dense, sp = result.sizes[result.files["model"]], result.sizes[result.files["sparse"]]
-        density = s["nonzero"] / s["elements"] if s["elements"] else float("nan")
-        lines += ["", "## Sparse initializers", "",
-                  f"`model.sparse.onnx`: {_mb(sp)} against {_mb(dense)} dense ({dense / sp:.2f}x). "
-                  f"{len(s['tensors'])} weight tensors stored sparse ({s['nonzero']:,} non-zeros of "
-                  f"{s['elements']:,}, density {density:.3f}). Break-even density: {s['break_even_density']:.3f} "
-                  "(fp32 values with int64 indices); denser tensors stay dense.",
-                  "", "This is a disk-size format, not a speed format: onnxruntime densifies sparse initializers "
-                  "when it loads the model, so latency and memory at run time equal the dense graph's."]
+              "", "| target | provider | held to | worst max abs diff | verdict |", "|---|---|---|---|---|"]
+    lines += [parity_row(t, d, p) for t, d in p["worst"].items()]
+    for name, entry in result.variants.items():  # each registered variant writes its own section
+        variant = VARIANTS[name]()
+        lines += ["", f"## {variant.title}", ""] + variant.summary(entry, result.sizes)
+        if "accuracy" in entry:
+            acc = entry["accuracy"]
+            lines += ["", f"Dev metrics on {entry['data']}:", "", f"| metric | fp32 | {name} | change |",
+                      "|---|---|---|---|"]
+            lines += [f"| {k} | {acc['fp32'][k]:.4f} | {acc[name][k]:.4f} | {acc['change'][k]:+.4f} |"
+                      for k in acc["fp32"]]
     t = result.timings
     lines += ["", "Timings: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in t.items()), ""]
     Path(path).write_text("\n".join(lines))
