@@ -110,6 +110,40 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
+def add_fusion(config: dict, state: dict, names=ADAPTER_NAMES, adapter_config=None, seed: int = SEED) -> tuple:
+    """Give a BERT-like model (its config.json dict and state dict) freshly initialised bottleneck adapters
+    `names` at every layer's output and a dynamic AdapterFusion over them, in AdapterHub's full-model layout.
+    Returns (config, state), both changed in place."""
+    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
+    adapter_config = dict(adapter_config or ADAPTER_CONFIG)
+    fusion_name = ",".join(names)
+    config["architectures"] = ["BertAdapterModel"]
+    config["adapters"] = dict(
+        adapters={name: "seq_bn_default" for name in names},
+        config_map={"seq_bn_default": adapter_config},
+        fusions={fusion_name: "dynamic"}, fusion_config_map={}, fusion_name_map={fusion_name: list(names)},
+    )
+    gen = torch.Generator().manual_seed(seed)
+    width = int(hidden // adapter_config["reduction_factor"])
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=gen) * 0.02
+
+    for i in range(layers):
+        site = f"encoder.layer.{i}.output"
+        for name in names:
+            p = f"{site}.adapters.{name}"
+            state[f"{p}.adapter_down.0.weight"] = normal(width, hidden)
+            state[f"{p}.adapter_down.0.bias"] = torch.zeros(width)
+            state[f"{p}.adapter_up.weight"] = normal(hidden, width)
+            state[f"{p}.adapter_up.bias"] = torch.zeros(hidden)
+        f = f"{site}.adapter_fusion_layer.{fusion_name}"
+        state[f"{f}.query.weight"], state[f"{f}.query.bias"] = normal(hidden, hidden), torch.zeros(hidden)
+        state[f"{f}.key.weight"], state[f"{f}.key.bias"] = normal(hidden, hidden), torch.zeros(hidden)
+        state[f"{f}.value.weight"] = torch.full((hidden, hidden), 1e-6).fill_diagonal_(1.0)
+    return config, state
+
+
 def build_initial_model(target: Path) -> Path:
     """MiniLM with the eight adapters and the fusion freshly initialised (no head): where
     benchmarks/build_default.py starts training."""
@@ -117,34 +151,9 @@ def build_initial_model(target: Path) -> Path:
 
     src = minilm_dir()
     config = json.loads((src / "config.json").read_text())
-    hidden, layers = config["hidden_size"], config["num_hidden_layers"]
-    adapter_config = dict(ADAPTER_CONFIG)
-    config["architectures"] = ["BertAdapterModel"]
-    config["adapters"] = dict(
-        adapters={name: "seq_bn_default" for name in ADAPTER_NAMES},
-        config_map={"seq_bn_default": adapter_config},
-        fusions={FUSION_NAME: "dynamic"}, fusion_config_map={}, fusion_name_map={FUSION_NAME: list(ADAPTER_NAMES)},
-    )
     state = load_file(str(src / "model.safetensors"))
     state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
-    gen = torch.Generator().manual_seed(SEED)
-    width = hidden // 16
-
-    def normal(*shape):
-        return torch.randn(*shape, generator=gen) * 0.02
-
-    for i in range(layers):
-        site = f"encoder.layer.{i}.output"
-        for name in ADAPTER_NAMES:
-            p = f"{site}.adapters.{name}"
-            state[f"{p}.adapter_down.0.weight"] = normal(width, hidden)
-            state[f"{p}.adapter_down.0.bias"] = torch.zeros(width)
-            state[f"{p}.adapter_up.weight"] = normal(hidden, width)
-            state[f"{p}.adapter_up.bias"] = torch.zeros(hidden)
-        f = f"{site}.adapter_fusion_layer.{FUSION_NAME}"
-        state[f"{f}.query.weight"], state[f"{f}.query.bias"] = normal(hidden, hidden), torch.zeros(hidden)
-        state[f"{f}.key.weight"], state[f"{f}.key.bias"] = normal(hidden, hidden), torch.zeros(hidden)
-        state[f"{f}.value.weight"] = torch.full((hidden, hidden), 1e-6).fill_diagonal_(1.0)
+    config, state = add_fusion(config, state)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output_dir(target, overwrite=False) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

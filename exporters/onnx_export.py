@@ -2,8 +2,10 @@
 
 The output directory holds the graph to deploy (`model.onnx`), the compacted PyTorch model it came from
 (config.json + compress_manifest.json + model.safetensors, reloadable with `compressor.load_model`), the
-tokenizer files, `parity.json` and `export.md`; optionally `model.int8.onnx` and `model.sparse.onnx`. It is
-written atomically: a failed export (parity included) leaves nothing behind.
+tokenizer files, `parity.json` and `export.md`; optionally the files of registered variants (exporters/variants.py:
+`model.int8.onnx`, `model.fp16.onnx`, `model.sparse.onnx`, ...), each built from the optimised graph, parity-checked
+on its provider at its tolerance and summarised by its own section of export.md. It is written atomically: a failed
+export (parity included) leaves nothing behind.
 
 Opset 17: the first opset with a LayerNormalization operator (one node per norm; our optimisation leaves it
 unfused with its residual Add, see exporters/runtime.py), supported by onnxruntime >= 1.13 and TensorRT >= 8.6. The
@@ -17,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -29,8 +31,9 @@ from compressor.masks import MaskSet, masked_copy
 from compressor.modeling.architecture import layers_of
 
 from . import optimize as graph_opt
-from . import variants, verify
-from .runtime import make_session
+from . import variants as variant_registry
+from . import verify
+from .runtime import make_session, release_memory
 
 OPSET = 17
 
@@ -38,31 +41,47 @@ OPSET = 17
 @dataclass
 class ExportConfig:
     optimize: bool = True
-    sparse: bool = False
-    quantize: Optional[str] = None  # None or "int8"
+    sparse: bool = False  # the same as "sparse" in variants (--sparse)
+    quantize: Optional[str] = None  # None or "int8": the same as "int8" in variants (--quantize int8)
     atol: float = 1e-4
     allow_mismatch: bool = False
     seed: Optional[int] = None  # parity inputs; None draws fresh ones (the seed is written to parity.json)
     opset: int = OPSET
+    variants: Sequence[str] = ()  # names registered in exporters/variants.py (--variant NAME): int8, fp16, sparse
 
     def __post_init__(self):
         if self.quantize not in (None, "int8"):
             raise ExportError(f"unknown --quantize '{self.quantize}'; the supported scheme is int8")
         if not self.atol > 0:
             raise ExportError(f"--atol must be positive, got {self.atol}")
+        if isinstance(self.variants, str):
+            self.variants = [self.variants]
+        names = list(self.variants) + ["int8"] * bool(self.quantize) + ["sparse"] * self.sparse
+        # validated (an unknown name is an ExportError), deduplicated, in registration order
+        self.variants = tuple(v.name for v in variant_registry.resolve(names))
+        self.sparse, self.quantize = "sparse" in self.variants, ("int8" if "int8" in self.variants else None)
 
 
 @dataclass
 class ExportResult:
     out: Path
-    files: dict  # role -> file name
+    files: dict  # role -> file name: "model" -> model.onnx, then each written variant's name -> its file
     sizes: dict  # file name -> bytes
     attention: dict  # layer -> [num_heads of fused nodes]
     heads: list  # kept heads per layer
     parity: dict
-    int8: Optional[dict] = None
-    sparse: Optional[dict] = None
+    # variant name -> what its build returned, plus file (None: declined, e.g. sparse with nothing below
+    # break-even), provider, tolerance (None: recorded only), rule, max_abs_diff; accuracy and data with --data
+    variants: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+
+    @property
+    def int8(self) -> Optional[dict]:
+        return self.variants.get("int8")
+
+    @property
+    def sparse(self) -> Optional[dict]:
+        return self.variants.get("sparse")
 
 
 class _Graph(nn.Module):
@@ -110,30 +129,58 @@ def _export(model, inputs, output, example, path, opset, axes, big) -> None:
         raise ExportError(f"torch.onnx.export failed: {str(e).splitlines()[0]}") from e
 
 
+def _on_demand(path: Path, provider: str) -> "verify.OnDemand":
+    """A parity target whose onnxruntime session (holding its own copy of the weights) exists only while its
+    cases run."""
+    return verify.OnDemand(lambda: verify.session_runner(make_session(path, provider)), release_memory)
+
+
 def export_onnx(model: nn.Module, out, masks: Optional[MaskSet] = None, config: Optional[ExportConfig] = None,
                 overwrite: bool = False, tokenizer_dir=None, progress: Optional[Callable[[str], None]] = None,
                 eval_data=None) -> ExportResult:
     """Compact `model` under `masks` (None: fold only), export, optimise, verify against the masked model and
     write the export directory `out`. Raises ParityError (nothing written) unless `allow_mismatch`.
-    `eval_data` (a training.TaskContext) with int8: also score both graphs on its dev split."""
+    `eval_data` (a training.TaskContext): also score model.onnx and every written variant registered with
+    `scored = True` (int8, fp16) on its dev split.
+
+    Memory: at most one model or graph besides the caller's `model` is held at a time. The parity inputs are drawn
+    from the seed first; the masked reference and the compacted model are run on them as soon as they exist, the
+    reference is dropped before compaction and the compacted weights right after the ONNX export; each graph
+    stage reads its input from disk, and each parity session is created, run and released in turn."""
     config = config or ExportConfig()
     say = progress or (lambda _msg: None)
     check_output_dir(out, overwrite)
     timings = {}
+    base = model.base_model.config
     t = time.perf_counter()
     say("compacting")
     reference = masked_copy(model, masks) if masks is not None else model
     reference.eval()
+    inputs, output = io_names(reference)
+    t_parity = time.perf_counter()
+    seed, cases = verify.parity_cases(inputs, vocab=base.vocab_size, type_vocab=getattr(base, "type_vocab_size", 1),
+                                      seed=config.seed)
+    expected = verify.run_cases(verify.torch_runner(reference, output), cases)  # the masked model's outputs
+    verify_s = time.perf_counter() - t_parity
+    del reference
+    release_memory()
     compacted = compact(model, masks)
-    timings["compact_s"] = time.perf_counter() - t
-    base = model.base_model.config
+    timings["compact_s"] = time.perf_counter() - t - verify_s
+    t_parity = time.perf_counter()
+    compacted_outputs = verify.run_cases(verify.torch_runner(compacted, output), cases)
+    verify_s += time.perf_counter() - t_parity
+    heads = [layer.attention.self.num_attention_heads for layer in layers_of(compacted)]
     files, sizes = {}, {}
     with atomic_output_dir(out, overwrite) as tmp:
         write_compacted(compacted, tmp, tokenizer_dir)
+        release_memory()
         t = time.perf_counter()
         say("exporting to ONNX")
         raw = tmp / ("model.onnx" if not config.optimize else "model.raw.onnx")
-        inputs, output = export_graph(compacted, raw, config.opset)
+        export_graph(compacted, raw, config.opset)
+        # export.md needs only the compacted model's shapes (parameters, FLOPs): its weights go
+        compacted.to("meta")
+        release_memory()
         timings["export_s"] = time.perf_counter() - t
         deploy = tmp / "model.onnx"
         if config.optimize:
@@ -144,47 +191,58 @@ def export_onnx(model: nn.Module, out, masks: Optional[MaskSet] = None, config: 
             for extra in tmp.glob("*.onnx.data"):  # external data of the raw graph, if it had any
                 if extra.name != "model.onnx.data":
                     extra.unlink()
+            release_memory()
             timings["optimize_s"] = time.perf_counter() - t
         files["model"] = deploy.name
         attention = graph_opt.attention_nodes_per_layer(deploy)
-        heads = [layer.attention.self.num_attention_heads for layer in layers_of(compacted)]
+        release_memory()
+
+        entries, tolerances, written = {}, {}, []
+        for variant in variant_registry.resolve(config.variants):  # each from the optimised fp32 graph
+            t = time.perf_counter()
+            say(f"writing {variant.file} ({variant.name})")
+            dst = tmp / variant.file
+            info = dict(variant.build(deploy, dst) or {})
+            release_memory()
+            entries[variant.name] = dict(info, file=variant.file if dst.exists() else None,
+                                         provider=variant.provider, tolerance=variant.limit(config.atol),
+                                         rule=variant.rule(config.atol))
+            if dst.exists():  # a variant may decline (sparse with nothing below break-even)
+                files[variant.name] = variant.file
+                written.append(variant)
+            timings[f"{variant.name}_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         say("verifying parity")
-        candidates = {"compacted (PyTorch)": verify.torch_runner(compacted, output),
-                      "model.onnx": verify.session_runner(make_session(deploy, "cpu"))}
-        sparse_info = int8_info = None
-        if config.quantize == "int8":
-            say("quantizing (int8)")
-            variants.write_int8(deploy, tmp / "model.int8.onnx")
-            files["int8"] = "model.int8.onnx"
-            candidates["model.int8.onnx"] = verify.session_runner(make_session(tmp / "model.int8.onnx", "cpu"))
-        if config.sparse:
-            say("writing sparse initializers")
-            sparse_info = variants.write_sparse(deploy, tmp / "model.sparse.onnx")
-            if sparse_info["tensors"]:
-                files["sparse"] = "model.sparse.onnx"
-                candidates["model.sparse.onnx"] = verify.session_runner(make_session(tmp / "model.sparse.onnx", "cpu"))
-            else:  # nothing below break-even: a copy of the dense graph would only mislead
-                (tmp / "model.sparse.onnx").unlink()
-        report = verify.compare(verify.torch_runner(reference, output), candidates, inputs,
-                                vocab=base.vocab_size, type_vocab=getattr(base, "type_vocab_size", 1),
-                                atol=config.atol, seed=config.seed, record_only=("model.int8.onnx",))
+        candidates = {"compacted (PyTorch)": verify.Outputs(compacted_outputs),
+                      "model.onnx": _on_demand(deploy, "cpu")}
+        providers = {"compacted (PyTorch)": "torch", "model.onnx": "cpu"}
+        for variant in written:  # each on its own provider, held to its own tolerance
+            candidates[variant.file] = _on_demand(tmp / variant.file, variant.provider)
+            providers[variant.file], tolerances[variant.file] = variant.provider, variant.limit(config.atol)
+        # the references were computed on the same seeded inputs; the sessions are made one at a time
+        report = verify.compare(verify.Outputs(expected), candidates, inputs, vocab=base.vocab_size,
+                                type_vocab=getattr(base, "type_vocab_size", 1), atol=config.atol, seed=seed,
+                                tolerances=tolerances, providers=providers)
         verify.write_report(report, tmp / "parity.json")
-        timings["verify_s"] = time.perf_counter() - t
+        timings["verify_s"] = time.perf_counter() - t + verify_s
         if not config.allow_mismatch:
             verify.raise_on_failure(report)
         for name in files.values():
             sizes[name] = (tmp / name).stat().st_size + sum(p.stat().st_size for p in tmp.glob(f"{name}.data"))
-        if "int8" in files:
-            int8_info = dict(max_abs_diff=report.worst("model.int8.onnx"))
-            if eval_data is not None:  # a training.TaskContext: the accuracy int8 costs on its dev split
-                from .accuracy import int8_accuracy
-                say("scoring fp32 and int8 on dev data")
-                int8_info.update(accuracy=int8_accuracy(deploy, tmp / "model.int8.onnx", eval_data),
-                                 data=eval_data.data.source.get("spec", eval_data.spec.name))
+        for entry in entries.values():
+            if entry["file"] is not None:
+                entry["max_abs_diff"] = report.worst(entry["file"])
+        scored = {name: tmp / e["file"] for name, e in entries.items()
+                  if e["file"] is not None and variant_registry.VARIANTS[name].scored}
+        if eval_data is not None and scored:  # a training.TaskContext: the accuracy each variant costs
+            from .accuracy import variant_accuracy
+            say(f"scoring fp32 and {', '.join(scored)} on dev data")
+            data_name = eval_data.data.source.get("spec", eval_data.spec.name)
+            for name, acc in variant_accuracy(deploy, scored, eval_data).items():
+                entries[name].update(accuracy=acc, data=data_name)
         result = ExportResult(out=Path(out), files=files, sizes=sizes, attention=attention, heads=heads,
-                              parity=report.to_dict(), int8=int8_info, sparse=sparse_info, timings=timings)
+                              parity=report.to_dict(), variants=entries, timings=timings)
         from .export_summary import write_export_md
         write_export_md(result, compacted, tmp / "export.md", optimized=config.optimize)
     return result
