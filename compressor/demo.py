@@ -55,6 +55,7 @@ class DemoRow:
     onnx_bytes: int
     p50_ms: dict = field(default_factory=dict)  # batch size -> p50 latency
     speedup: dict = field(default_factory=dict)
+    speedup_iqr: dict = field(default_factory=dict)  # batch size -> [q1, q3] of the per-round speedup
 
 
 def prepare_out(out: Path, overwrite: bool, inputs=()) -> None:
@@ -121,7 +122,8 @@ def run_demo(out, config: Optional[DemoConfig] = None, overwrite: bool = False,
     import torch
 
     from exporters.accuracy import onnx_dev_metrics
-    from exporters.bench import BenchConfig, run_bench
+    from exporters.bench import BenchConfig, report_path, run_bench
+    from exporters.bench_report import busy_reasons
     from exporters.onnx_export import ExportConfig, export_onnx
 
     from .api import load_tokenizer, save_prune_result
@@ -191,9 +193,10 @@ def run_demo(out, config: Optional[DemoConfig] = None, overwrite: bool = False,
         bench_config = BenchConfig(providers=["cpu"], batch_sizes=config.batch_sizes, seq_lens=[config.seq_len],
                                    min_time_s=config.min_time_s, seed=config.seed,
                                    **({"threads": config.threads} if config.threads else {}))
-        report = run_bench([tmp / row.onnx for row in rows], bench_config, tmp / "bench")
+        report = run_bench([tmp / row.onnx for row in rows], bench_config, tmp / "bench",
+                           path_base=(tmp, "relative to the demo's output directory"))
         _latencies(rows, report)
-        record = dict(config=asdict(config), model=str(source), default_scores=default_scores(),
+        record = dict(config=asdict(config), model=report_path(source), default_scores=default_scores(),
                       task=ctx.spec.ref, main_metric=ctx.spec.main_metric, dev_examples=len(ctx.dev_set),
                       data=dict(task_data.source, description=data_note),
                       masks=masks.counts(), lottery=dict(accepted_round=lottery.extra.get("accepted_round"),
@@ -201,7 +204,8 @@ def run_demo(out, config: Optional[DemoConfig] = None, overwrite: bool = False,
                       parity={name: dict(passed=r.parity["passed"], atol=r.parity["atol"],
                                          max_abs_diff=r.parity["worst"])  # per graph; int8 is recorded, not held
                               for name, r in (("unpruned", dense), ("pruned", pruned))},
-                      rows=[asdict(r) for r in rows], machine=report["machine"],
+                      rows=[asdict(r) for r in rows], machine=report["machine"], timing=report["timing"],
+                      busy=busy_reasons(report),
                       seconds=round(time.perf_counter() - start, 1))
         (tmp / DEMO_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         (tmp / "demo.md").write_text(markdown(record))
@@ -217,16 +221,36 @@ def _row(name: str, directory: Path, onnx_file: str) -> DemoRow:
 
 
 def _latencies(rows: list, report: dict) -> None:
-    by_target = {}
+    by_target, iqr = {}, {}
     for cell in report["results"]:
         if cell.get("status") == "ok":
             by_target.setdefault(cell["target"], {})[cell["batch_size"]] = cell["p50_ms"]
+            r = cell.get("speedup_rounds")
+            if r and r["rounds"] >= 2:
+                iqr.setdefault(cell["target"], {})[cell["batch_size"]] = [r["q1"], r["q3"]]
     names = [t["name"] for t in report["targets"]]
     for row, name in zip(rows, names):
         row.p50_ms = by_target.get(name, {})
+        row.speedup_iqr = iqr.get(name, {}) if row is not rows[0] else {}
     base = rows[0].p50_ms
     for row in rows:
         row.speedup = {b: base[b] / ms for b, ms in row.p50_ms.items() if b in base and ms > 0}
+
+
+def speedup_cell(row: dict, batch) -> str:
+    """"1.48x (1.45–1.52)": the p50 speedup and the interquartile range of the per-round speedup."""
+    speedup, iqr = row["speedup"].get(batch), row.get("speedup_iqr", {}).get(batch)
+    if speedup is None:
+        return "-"
+    return f"{speedup:.2f}x" + (f" ({iqr[0]:.2f}–{iqr[1]:.2f})" if iqr else "")
+
+
+def busy_warning(reasons: list) -> str:
+    """The demo's warning when the machine was busy while timing (rule: exporters.bench_report.BUSY_RULE)."""
+    from exporters.bench_report import BUSY_RULE
+
+    return ("**Warning: the machine was busy while timing** (" + "; ".join(reasons) + "): the latencies and "
+            "speedups above may be skewed; rerun `compress demo` on a quiet machine. Rule: " + BUSY_RULE + ".")
 
 
 def markdown(record: dict) -> str:
@@ -240,10 +264,13 @@ def markdown(record: dict) -> str:
     for r in record["rows"]:
         cells = [f"{r['metrics'][metric]:.4f}", f"{r['parameters'] / 1e6:.2f}M", f"{r['onnx_bytes'] / 2**20:.1f}"]
         cells += [f"{r['p50_ms'].get(b, float('nan')):.1f}" for b in batches]
-        cells += [f"{r['speedup'].get(b, float('nan')):.2f}x" for b in batches]
+        cells += [speedup_cell(r, b) for b in batches]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     counts = record["masks"]
-    lines += [""]
+    lines += ["", "Speedup: p50 of the unpruned graph / p50 of the row; in brackets the interquartile range of the "
+              "same ratio over the rounds in which the three graphs were timed in turn.", ""]
+    if record.get("busy"):
+        lines += [busy_warning(record["busy"]), ""]
     if record.get("data"):
         lines += [f"Data: {record['data']['description']}."]
     lines += ["Kept: " + ", ".join(f"{k} {v['kept']}/{v['total']}" for k, v in counts.items()),

@@ -34,6 +34,8 @@ WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 NOT_ONNX = "not an ONNX target; export it first with compress export --onnx"
 NO_TORCH_FOR_ONNX = "an .onnx file has no PyTorch model; give its export directory to bench PyTorch"
 GPU_PROVIDERS = ("cuda", "tensorrt")  # inputs and outputs bound on the device (IO binding)
+TORCH_DEVICES = ("cpu", "cuda")
+TORCH_DTYPES = ("fp32", "fp16", "bf16")
 
 
 class BenchConfigError(CompressorError):
@@ -50,6 +52,9 @@ class BenchConfig:
     min_time_s: float = 1.0
     min_repeats: int = 10
     seed: int = 0
+    rounds: int = 10  # min_time_s is cut into this many slices per target, timed in turn (docs/design.md "Timing")
+    device: str = "cpu"  # the torch provider's device: cpu | cuda
+    dtype: str = "fp32"  # the torch provider's weights and activations: fp32 | fp16 | bf16
 
     def __post_init__(self):
         providers = []
@@ -64,9 +69,18 @@ class BenchConfig:
             raise BenchConfigError("no provider given; use --provider cpu|cuda|tensorrt|torch")
         self.batch_sizes, self.seq_lens = parse_ints(self.batch_sizes, "batch size"), parse_ints(self.seq_lens, "sequence length")
         for name, value, low in (("threads", self.threads, 1), ("warmup", self.warmup, 0),
-                                 ("min_repeats", self.min_repeats, 1), ("min_time_s", self.min_time_s, 0)):
+                                 ("min_repeats", self.min_repeats, 1), ("min_time_s", self.min_time_s, 0),
+                                 ("rounds", self.rounds, 1)):
             if value < low:
                 raise BenchConfigError(f"{name} must be >= {low}, got {value}")
+        self.device, self.dtype = str(self.device).strip().lower(), str(self.dtype).strip().lower()
+        if self.device not in TORCH_DEVICES:
+            raise BenchConfigError(f"unknown device '{self.device}'; choose one of {', '.join(TORCH_DEVICES)}")
+        if self.dtype not in TORCH_DTYPES:
+            raise BenchConfigError(f"unknown dtype '{self.dtype}'; choose one of {', '.join(TORCH_DTYPES)}")
+        if (self.device, self.dtype) != ("cpu", "fp32") and TORCH not in providers:
+            raise BenchConfigError("--device and --dtype apply to the torch provider only; add --provider torch "
+                                   "(onnxruntime runs its graphs as exported: cuda and tensorrt are GPU providers)")
 
     @property
     def shapes(self):
@@ -160,14 +174,16 @@ def _max_seq_len(directory: Path) -> Optional[int]:
     return limit - (int(cfg.get("pad_token_id") or 0) + 1) if cfg.get("model_type") == "roberta" else limit
 
 
-def describe_targets(targets: List[Target], config: BenchConfig) -> None:
-    """Size, parameters and FLOPs per token; loads the PyTorch model where one exists (kept only for torch runs)."""
+def describe_targets(targets: List[Target], config: BenchConfig, base=None) -> None:
+    """Size, parameters and FLOPs per token; loads the PyTorch model where one exists (kept only for torch runs).
+    Paths are written as report_path(path, base)."""
     from compressor import load_model
     from compressor.flops import total_cost
 
     for t in targets:
         info = t.info
-        info.update(name=t.name, kind=t.kind, path=str(t.path), onnx=str(t.onnx) if t.onnx else None,
+        info.update(name=t.name, kind=t.kind, path=report_path(t.path, base),
+                    onnx=report_path(t.onnx, base) if t.onnx else None,
                     size_bytes=None, parameters=None, flops_per_token=None, placement={})
         if t.onnx is not None:
             info["size_bytes"], info["parameters"] = onnx_size_and_params(t.onnx)
@@ -191,6 +207,21 @@ def describe_targets(targets: List[Target], config: BenchConfig) -> None:
             info["size_bytes"], info["parameters"] = weights.stat().st_size, costs[config.seq_lens[0]]["params"]
         if TORCH in config.providers and t.kind != "onnx":
             t.model = model
+
+
+PATHS_NOTE = "relative to the working directory of the command; a path outside it is its last name only"
+
+
+def report_path(path, base=None) -> str:
+    """A path for a report that may be committed: relative to `base` (default: the working directory) when it
+    lies under it, else only its last name; never an absolute, machine-specific path."""
+    path = Path(path)
+    base = Path.cwd() if base is None else Path(base)
+    try:
+        rel = path.resolve().relative_to(base.resolve())
+    except ValueError:
+        return path.name
+    return rel.as_posix() or "."
 
 
 def _unique_names(targets: List[Target]) -> None:
@@ -253,19 +284,31 @@ def ort_runner(session, provider: str, feeds: dict) -> Callable[[], None]:
     return run
 
 
-def torch_runner(model, feeds: dict) -> Callable[[], None]:
+def torch_runner(model, feeds: dict, device: str = "cpu") -> Callable[[], None]:
+    """One forward pass on `device`; the inputs are put there once. On CUDA the run waits for the device
+    (torch.cuda.synchronize) before the clock stops, so the time is the kernels', not the launch's."""
     import torch
 
-    inputs = {k: torch.from_numpy(v) for k, v in feeds.items()}
+    inputs = {k: torch.from_numpy(v).to(device) for k, v in feeds.items()}
+    sync = torch.cuda.synchronize if device == "cuda" else None
 
     def run():
         with torch.inference_mode():
             model(**inputs)
+        if sync is not None:
+            sync()
     return run
 
 
+def _stats(times_s) -> dict:
+    ms = np.array(times_s) * 1e3
+    return dict(repeats=len(ms), p50_ms=float(np.percentile(ms, 50)), p90_ms=float(np.percentile(ms, 90)),
+                p99_ms=float(np.percentile(ms, 99)), mean_ms=float(ms.mean()),
+                std_ms=float(statistics.stdev(ms)) if len(ms) > 1 else 0.0, min_ms=float(ms.min()))
+
+
 def measure(run: Callable[[], None], warmup: int, min_time_s: float, min_repeats: int) -> dict:
-    """Warm up, then time single runs until both `min_repeats` and `min_time_s` are reached."""
+    """One target alone: warm up, then time single runs until both `min_repeats` and `min_time_s` are reached."""
     for _ in range(warmup):
         run()
     gc.collect()
@@ -278,10 +321,83 @@ def measure(run: Callable[[], None], warmup: int, min_time_s: float, min_repeats
             times.append(time.perf_counter() - t0)
     finally:
         gc.enable()
-    ms = np.array(times) * 1e3
-    return dict(repeats=len(ms), p50_ms=float(np.percentile(ms, 50)), p90_ms=float(np.percentile(ms, 90)),
-                p99_ms=float(np.percentile(ms, 99)), mean_ms=float(ms.mean()),
-                std_ms=float(statistics.stdev(ms)) if len(ms) > 1 else 0.0, min_ms=float(ms.min()))
+    return _stats(times)
+
+
+class RunFailed(Exception):
+    """A runner raised while being timed; `key` says which (its cell is failed, the others go on)."""
+
+    def __init__(self, key, error: BaseException):
+        super().__init__(str(error))
+        self.key, self.error = key, error
+
+
+def measure_interleaved(runs: dict, warmup: int, min_time_s: float, min_repeats: int, rounds: int = 10,
+                        rewarm: Optional[int] = None, failed: Optional[dict] = None) -> dict:
+    """Time several runners fairly: after `warmup` untimed runs each, rounds A, B, C, A, B, C, ... each time a
+    slice of one runner (single runs until min_time_s / rounds seconds, at least one run), until every runner
+    has `min_repeats` runs and `min_time_s` seconds timed. Before each slice `rewarm` untimed runs (default 1
+    when there are several runners, else 0) bring that runner's caches and thread pool back, so only one is hot
+    while it is timed. Machine load that comes and goes then hits every runner alike.
+
+    Returns {key: stats + "slices": [per-round timed seconds lists]}. A runner that raises is dropped from the
+    next rounds and its error put in `failed[key]` (when given; otherwise it is raised as RunFailed)."""
+    active = list(runs)
+    rewarm = (1 if len(active) > 1 else 0) if rewarm is None else rewarm
+    slice_s = min_time_s / rounds
+    times = {k: [] for k in active}
+    slices = {k: [] for k in active}
+
+    def drop(key, error):
+        active.remove(key)
+        if failed is None:
+            raise RunFailed(key, error)
+        failed[key] = error
+
+    for key in list(active):
+        try:
+            for _ in range(warmup):
+                runs[key]()
+        except Exception as e:
+            drop(key, e)
+    gc.collect()
+    gc.disable()  # a collection inside a timed run is noise, not model latency
+    try:
+        def done(key):
+            return len(times[key]) >= min_repeats and sum(times[key]) >= min_time_s
+
+        while active and not all(done(k) for k in active):
+            for key in list(active):
+                run = runs[key]
+                try:
+                    for _ in range(rewarm):
+                        run()
+                    got, start = [], time.perf_counter()
+                    while not got or time.perf_counter() - start < slice_s:
+                        t0 = time.perf_counter()
+                        run()
+                        got.append(time.perf_counter() - t0)
+                except Exception as e:
+                    drop(key, e)
+                    continue
+                times[key] += got
+                slices[key].append(got)
+    finally:
+        gc.enable()
+    return {k: dict(_stats(times[k]), slices=slices[k]) for k in runs if k not in (failed or {}) and times[k]}
+
+
+def round_ratios(base_slices: list, slices: list) -> list:
+    """Per round: median of the base runner's slice / median of this runner's slice."""
+    return [float(np.median(b) / np.median(t)) for b, t in zip(base_slices, slices)]
+
+
+def spread(ratios: list) -> Optional[dict]:
+    """The per-round speedups' median, quartiles and range; None without rounds."""
+    if not ratios:
+        return None
+    q1, med, q3 = (float(x) for x in np.percentile(ratios, [25, 50, 75]))
+    return dict(median=med, q1=q1, q3=q3, min=float(min(ratios)), max=float(max(ratios)), rounds=len(ratios))
 
 
 def node_placement(path: Path, provider: str, threads: int, feeds: dict) -> dict:
@@ -314,6 +430,60 @@ def placement_from_profile(events: list, requested: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------------ the run
 
+class CpuLoad:
+    """How busy the machine was while timing: the 1-minute load average before and after, and (on Linux) the
+    mean number of cores other processes kept busy: busy jiffies in /proc/stat minus this process's CPU time,
+    over the wall time. Started when made; finish() returns the record."""
+
+    def __init__(self):
+        self.load_before = _loadavg()
+        self.wall, self.own, self.busy = time.perf_counter(), _own_cpu_s(), _busy_cpu_s()
+
+    def finish(self) -> dict:
+        wall = time.perf_counter() - self.wall
+        busy = _busy_cpu_s()
+        other = None
+        if busy is not None and self.busy is not None and wall > 0:
+            other = max(0.0, (busy - self.busy - (_own_cpu_s() - self.own)) / wall)
+        return dict(load_average_before=self.load_before, load_average_after=_loadavg(),
+                    other_cpu_cores=None if other is None else round(other, 3), timed_s=round(wall, 2),
+                    cpu_count=os.cpu_count())
+
+
+def _loadavg() -> Optional[float]:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _busy_cpu_s() -> Optional[float]:
+    """Seconds all CPUs spent busy since boot (not idle, not waiting for I/O), from /proc/stat; None elsewhere."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user..steal; guest time is already in user
+
+
+def _placements(targets: List[Target], prov: _Provider, cells: list, config: BenchConfig) -> None:
+    """Node placement per target at its first successful shape, in a profiled session of its own."""
+    for t in targets:
+        ok = [c for c in cells if c["target"] == t.name and c["status"] == "ok"]
+        if not ok:
+            continue
+        b, s = ok[0]["batch_size"], ok[0]["seq_len"]
+        try:
+            placement = node_placement(t.onnx, prov.provider, config.threads,
+                                       make_inputs(prov.names[t.name], b, s, config.seed))
+            t.info["placement"][prov.provider] = dict(placement, batch_size=b, seq_len=s)
+        except Exception as e:
+            t.info["placement"][prov.provider] = dict(error=_one_line(e))
+
+
 def machine_info(threads: int) -> dict:
     import onnxruntime as ort
 
@@ -344,68 +514,123 @@ def _cell(target, provider, batch, seq, status, reason=None, **stats):
                 **stats)
 
 
-def _bench_provider(t: Target, provider: str, config: BenchConfig, tick) -> list:
-    """All shapes of one target on one provider; skipped or failed cells carry the reason."""
-    shapes = config.shapes
-    if provider == TORCH:
-        reason = None if t.model is not None else (NO_TORCH_FOR_ONNX if t.kind == "onnx" else
-                                                   "the export directory has no PyTorch weights (model.safetensors)")
-    else:
-        reason = NOT_ONNX if t.onnx is None else None
-        if reason is None:
+_TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def torch_label(config: BenchConfig) -> str:
+    """The torch provider's name in the report: "PyTorch (CPU)", "PyTorch (CUDA, fp16)", ..."""
+    return f"PyTorch ({config.device.upper()}{'' if config.dtype == 'fp32' else ', ' + config.dtype})"
+
+
+def _torch_unavailable(config: BenchConfig) -> Optional[str]:
+    if config.device != "cuda":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        build = f"torch {torch.__version__} " + ("has no CUDA support" if torch.version.cuda is None
+                                                 else f"(CUDA {torch.version.cuda}) sees no CUDA device")
+        return f"PyTorch device cuda is not available here: {build}"
+    if config.dtype == "bf16" and not torch.cuda.is_bf16_supported():
+        return f"{torch.cuda.get_device_name(0)} does not support bf16"
+    return None
+
+
+class _Provider:
+    """What one provider needs for every target: the reason a target cannot run on it, its onnxruntime
+    session (made once, kept for every shape) or its PyTorch model on the device, and its input names."""
+
+    def __init__(self, provider: str, targets: List[Target], config: BenchConfig):
+        self.provider, self.config = provider, config
+        self.skip, self.error, self.sessions, self.names = {}, {}, {}, {}
+        self.previous_threads = None
+        common = None
+        if provider == TORCH:
+            common = _torch_unavailable(config)
+        else:
             try:
                 check_provider(provider)
             except CompressorError as e:
-                reason = str(e)
-    if reason is not None:
-        cells = []
-        for b, s in shapes:
-            tick(t, provider, b, s)
-            cells.append(_cell(t, provider, b, s, "skipped", reason))
-        return cells
+                common = str(e)
+        for t in targets:
+            if provider == TORCH:
+                reason = None if t.model is not None else (
+                    NO_TORCH_FOR_ONNX if t.kind == "onnx" else
+                    "the export directory has no PyTorch weights (model.safetensors)")
+            else:
+                reason = NOT_ONNX if t.onnx is None else None
+            if reason or common:
+                self.skip[t.name] = reason or common
 
-    cells, previous = [], None
-    try:
-        if provider == TORCH:
+    def __enter__(self):
+        if self.provider == TORCH:
             import torch
-            previous = torch.get_num_threads()
-            torch.set_num_threads(config.threads)
-            names = [("input_ids", np.int64), ("attention_mask", np.int64)]
-            if t.model.base_model.config.model_type == "bert":
-                names.append(("token_type_ids", np.int64))
-        else:
-            session = make_session(t.onnx, provider, config.threads)
-            names = _ort_inputs(session)
-        for b, s in shapes:
-            tick(t, provider, b, s)
-            try:
-                feeds = make_inputs(names, b, s, config.seed)
-                run = torch_runner(t.model, feeds) if provider == TORCH else ort_runner(session, provider, feeds)
-                stats = measure(run, config.warmup, config.min_time_s, config.min_repeats)
-            except Exception as e:  # e.g. out of memory at a large shape: record it, keep the other cells
-                cells.append(_cell(t, provider, b, s, "failed", _one_line(e)))
-                continue
-            stats["seq_per_s"] = b / (stats["mean_ms"] / 1e3)
-            cells.append(_cell(t, provider, b, s, "ok", **stats))
-    except Exception as e:  # the session could not be made: every remaining shape failed for the same reason
-        done = {(c["batch_size"], c["seq_len"]) for c in cells}
-        for b, s in shapes:
-            if (b, s) not in done:
-                tick(t, provider, b, s)
-                cells.append(_cell(t, provider, b, s, "failed", _one_line(e)))
-    finally:
-        if previous is not None:
+
+            self.previous_threads = torch.get_num_threads()
+            torch.set_num_threads(self.config.threads)
+        return self
+
+    def __exit__(self, *exc):
+        self.sessions.clear()
+        if self.previous_threads is not None:
             import torch
-            torch.set_num_threads(previous)
-    ok = [c for c in cells if c["status"] == "ok"]
-    if provider != TORCH and ok:
-        b, s = ok[0]["batch_size"], ok[0]["seq_len"]
+
+            torch.set_num_threads(self.previous_threads)
+            if self.config.device == "cuda":
+                torch.cuda.empty_cache()
+
+    def prepare(self, t: Target) -> None:
+        """Make the session or move the model; an error fails every shape of this target on this provider."""
         try:
-            placement = node_placement(t.onnx, provider, config.threads, make_inputs(names, b, s, config.seed))
-            t.info["placement"][provider] = dict(placement, batch_size=b, seq_len=s)
+            if self.provider == TORCH:
+                import torch
+
+                t.model.to(device=self.config.device, dtype=getattr(torch, _TORCH_DTYPES[self.config.dtype]))
+                names = [("input_ids", np.int64), ("attention_mask", np.int64)]
+                if t.model.base_model.config.model_type == "bert":
+                    names.append(("token_type_ids", np.int64))
+            else:
+                self.sessions[t.name] = make_session(t.onnx, self.provider, self.config.threads)
+                names = _ort_inputs(self.sessions[t.name])
+            self.names[t.name] = names
         except Exception as e:
-            t.info["placement"][provider] = dict(error=_one_line(e))
-    return cells
+            self.error[t.name] = _one_line(e)
+
+    def runner(self, t: Target, batch: int, seq: int) -> Callable[[], None]:
+        feeds = make_inputs(self.names[t.name], batch, seq, self.config.seed)
+        if self.provider == TORCH:
+            return torch_runner(t.model, feeds, self.config.device)
+        return ort_runner(self.sessions[t.name], self.provider, feeds)
+
+
+def _bench_group(targets: List[Target], prov: _Provider, batch: int, seq: int, config: BenchConfig) -> list:
+    """One provider and shape, every target interleaved (measure_interleaved); cells in target order."""
+    cells, runs = {}, {}
+    for t in targets:
+        if t.name in prov.skip:
+            cells[t.name] = _cell(t, prov.provider, batch, seq, "skipped", prov.skip[t.name])
+        elif t.name in prov.error:
+            cells[t.name] = _cell(t, prov.provider, batch, seq, "failed", prov.error[t.name])
+        else:
+            try:
+                runs[t.name] = prov.runner(t, batch, seq)  # every runner exists before any is timed
+            except Exception as e:
+                cells[t.name] = _cell(t, prov.provider, batch, seq, "failed", _one_line(e))
+    failed = {}
+    stats = measure_interleaved(runs, config.warmup, config.min_time_s, config.min_repeats, config.rounds,
+                                failed=failed) if runs else {}
+    base = stats.get(targets[0].name)
+    for t in targets:
+        if t.name in failed:  # e.g. out of memory at a large shape: record it, keep the other cells
+            cells[t.name] = _cell(t, prov.provider, batch, seq, "failed", _one_line(failed[t.name]))
+        elif t.name in stats:
+            st = dict(stats[t.name])
+            slices = st.pop("slices")
+            st["seq_per_s"] = batch / (st["mean_ms"] / 1e3)
+            st["rounds"] = len(slices)
+            st["speedup_rounds"] = spread(round_ratios(base["slices"], slices)) if base else None
+            cells[t.name] = _cell(t, prov.provider, batch, seq, "ok", **st)
+    return [cells[t.name] for t in targets]
 
 
 def _one_line(e: BaseException) -> str:
@@ -423,10 +648,13 @@ def add_speedups(results: list, first: str) -> None:
 
 
 def run_bench(targets: Sequence, config: BenchConfig, out, overwrite: bool = False,
-              progress: Optional[Callable[[str, int, int], None]] = None) -> dict:
+              progress: Optional[Callable[[str, int, int], None]] = None, path_base=None) -> dict:
     """Benchmark every target x provider x shape; write report.json, report.md and latency.png into `out`.
 
-    progress(label, done, total) is called before each cell and once at the end. Returns the report."""
+    For each provider and shape every target's runner is made first, then the targets are timed in turn
+    (measure_interleaved). progress(label, done, total) is called before each provider x shape and once at the
+    end. Target paths in the report are relative to the working directory (see report_path), or to
+    `path_base` = (directory, "what it is") when given. Returns the report."""
     from .bench_report import write_report
 
     check_output_dir(out, overwrite)
@@ -434,29 +662,37 @@ def run_bench(targets: Sequence, config: BenchConfig, out, overwrite: bool = Fal
         raise BenchConfigError("no target given; pass export directories, .onnx files or model directories")
     resolved = [resolve_target(p) for p in targets]
     _unique_names(resolved)
-    describe_targets(resolved, config)  # loads models: errors surface before any timing
+    describe_targets(resolved, config, None if path_base is None else path_base[0])  # loads models: errors surface before any timing
     machine = machine_info(config.threads)  # before timing: its load average says whether the machine was quiet
 
     total = len(resolved) * len(config.providers) * len(config.shapes)
     done = [0]
-
-    def tick(t, provider, b, s):
-        if progress:
-            progress(f"{t.name} · {provider} · batch {b} × seq {s}", done[0], total)
-        done[0] += 1
-
-    results = []
-    for t in resolved:
-        for provider in config.providers:
-            results.extend(_bench_provider(t, provider, config, tick))
+    results, load = [], CpuLoad()
+    for provider in config.providers:
+        with _Provider(provider, resolved, config) as prov:
+            for t in resolved:
+                if t.name not in prov.skip:
+                    prov.prepare(t)
+            group = []
+            for b, s in config.shapes:
+                if progress:
+                    progress(f"{provider} · batch {b} × seq {s} · {len(resolved)} target"
+                             f"{'s' if len(resolved) > 1 else ''} in turn", done[0], total)
+                done[0] += len(resolved)
+                group += _bench_group(resolved, prov, b, s, config)
+            results += group
+            if provider != TORCH:
+                _placements(resolved, prov, group, config)
     if progress:
         progress("done", total, total)
+    timing = dict(order="interleaved", rounds_target=config.rounds, **load.finish())
     add_speedups(results, resolved[0].name)
     report = dict(format=REPORT_FORMAT, version=REPORT_VERSION,
                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   config=asdict(config), machine=machine,
-                  providers={p: PROVIDERS.get(p, "PyTorch (CPU)") for p in config.providers},
-                  targets=[t.info for t in resolved], results=results)
+                  providers={p: PROVIDERS[p] if p != TORCH else torch_label(config) for p in config.providers},
+                  paths=PATHS_NOTE if path_base is None else path_base[1],
+                  timing=timing, targets=[t.info for t in resolved], results=results)
     with atomic_output_dir(out, overwrite) as tmp:
         write_report(report, tmp)
     return report

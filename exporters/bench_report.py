@@ -7,6 +7,14 @@ from pathlib import Path
 
 STATS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms")
 
+# The busy-machine rule (report.md, `compress bench` and `compress demo` warn when it holds):
+OTHER_CORES_SHARE = 0.10  # other processes kept more than max(0.25, 10% of the cores) busy on average while timing
+OTHER_CORES_MIN = 0.25
+SPREAD_LIMIT = 0.10  # or a speedup's per-round interquartile range is wider than 10% of its median
+BUSY_RULE = ("busy = while timing, other processes kept more than max(0.25, 10% of the cores) busy on average "
+             "(Linux /proc/stat minus this process's CPU time; elsewhere: 1-minute load average before timing "
+             ">= half the cores), or a speedup's per-round interquartile range is wider than 10% of its median")
+
 
 def write_report(report: dict, directory: Path) -> None:
     directory = Path(directory)
@@ -29,6 +37,43 @@ def _md(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def speedup_text(c: dict) -> str:
+    """"1.48x" or, with the per-round ratios, "1.48x (1.45-1.52)": p50 ratio (interquartile range over rounds)."""
+    if not c.get("speedup_p50"):
+        return "-"
+    r = c.get("speedup_rounds")
+    if not r or r["rounds"] < 2:
+        return f"{c['speedup_p50']:.2f}x"
+    return f"{c['speedup_p50']:.2f}x ({r['q1']:.2f}–{r['q3']:.2f})"
+
+
+def busy_reasons(report: dict) -> list:
+    """Why the timings of this report may be skewed by other work on the machine (BUSY_RULE); [] when quiet."""
+    reasons, timing = [], report.get("timing") or {}
+    cores = timing.get("cpu_count") or report["machine"].get("cpu_count") or 1
+    other = timing.get("other_cpu_cores")
+    if other is not None:
+        limit = max(OTHER_CORES_MIN, OTHER_CORES_SHARE * cores)
+        if other > limit:
+            reasons.append(f"other processes kept {other:.2f} of {cores} cores busy on average while timing "
+                           f"(limit {limit:.2f})")
+    else:
+        load = timing.get("load_average_before", (report["machine"].get("load_average") or [None])[0])
+        if load is not None and load >= max(1.0, cores / 2):
+            reasons.append(f"1-minute load average {load:.2f} on {cores} cores before timing")
+    wide = []
+    for c in report["results"]:
+        r = c.get("speedup_rounds")
+        if c["status"] == "ok" and r and r["rounds"] >= 2 and r["median"] > 0 \
+                and (r["q3"] - r["q1"]) > SPREAD_LIMIT * r["median"]:
+            wide.append(f"{c['target']} {c['provider']} b{c['batch_size']}x{c['seq_len']}: "
+                        f"{r['median']:.2f}x, IQR {r['q1']:.2f}–{r['q3']:.2f}")
+    if wide:
+        reasons.append("speedups varied over the rounds by more than 10% (" + "; ".join(wide[:3])
+                       + (f"; {len(wide) - 3} more" if len(wide) > 3 else "") + ")")
+    return reasons
+
+
 def not_run(report: dict) -> list:
     """Skipped and failed cells grouped by (target, provider, status, reason): [(..., shapes)]."""
     groups = {}
@@ -45,8 +90,16 @@ def markdown(report: dict) -> str:
     lines = ["# Benchmark report", "",
              f"{report['created']}; {cfg['threads']} threads, {cfg['warmup']} warm-up runs, then at least "
              f"{cfg['min_repeats']} runs and {cfg['min_time_s']} s per cell; inputs: random ids, no padding "
-             f"(seed {cfg['seed']}). Latency in ms per batch; seq/s = batch / mean; speedup = p50 of the first "
-             f"target ({report['targets'][0]['name']}) / p50 of the row, same provider and shape.", ""]
+             f"(seed {cfg['seed']}). Per provider and shape the targets were timed in turn, in rounds of one short "
+             f"slice each (about {cfg.get('rounds', 1)} rounds, more when the minimum run count needs them), so load "
+             f"that comes and goes hits them alike. Latency in ms per batch over all timed runs; seq/s = batch / "
+             f"mean; speedup = p50 of the first target ({report['targets'][0]['name']}) / p50 of the row, same "
+             f"provider and shape, and in brackets the interquartile range of the same ratio per round "
+             f"(slice medians). Paths: {report.get('paths', 'as given')}.", ""]
+    busy = busy_reasons(report)
+    if busy:
+        lines += ["**The machine was busy while timing**: " + "; ".join(busy) + ". Latencies and speedups may "
+                  "be skewed; compare with a run on a quiet machine (" + BUSY_RULE + ").", ""]
 
     seq_lens = cfg["seq_lens"]
     lines += ["## Targets", "",
@@ -65,12 +118,15 @@ def markdown(report: dict) -> str:
         if not rows:
             lines += ["No cell ran on this provider (see Skipped and failed).", ""]
             continue
-        lines += ["| target | batch | seq | p50 | p90 | p99 | mean | std | seq/s | speedup p50 |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["| target | batch | seq | p50 | p90 | p99 | mean | std | seq/s | runs | rounds | speedup p50 "
+                  "(per-round IQR) | per-round min–max |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for c in rows:
-            speedup = f"{c['speedup_p50']:.2f}x" if c["speedup_p50"] else "-"
+            r = c.get("speedup_rounds")
+            span = f"{r['min']:.2f}–{r['max']:.2f}" if r and c["speedup_p50"] else "-"
             lines.append(f"| {_md(c['target'])} | {c['batch_size']} | {c['seq_len']} | "
-                         + " | ".join(f"{c[k]:.3f}" for k in STATS) + f" | {c['seq_per_s']:.1f} | {speedup} |")
+                         + " | ".join(f"{c[k]:.3f}" for k in STATS) + f" | {c['seq_per_s']:.1f} | {c['repeats']} | "
+                         f"{c.get('rounds', '-')} | {speedup_text(c)} | {span} |")
         lines.append("")
 
     placements = [(t["name"], p, v) for t in report["targets"] for p, v in t["placement"].items()]
@@ -93,10 +149,14 @@ def markdown(report: dict) -> str:
         lines += [f"| {_md(t)} | {p} | {status} | {shapes} | {_md(reason)} |" for t, p, status, reason, shapes in skipped]
         lines.append("")
 
-    load = (m.get("load_average") or [0])[0]
-    if load >= max(1.0, (m.get("cpu_count") or 1) / 2):
-        lines += [f"**The machine was busy when the run started** (load average {load:.2f} on {m['cpu_count']} "
-                  "logical cores): latencies may be inflated, compare with a run on a quiet machine.", ""]
+    timing = report.get("timing")
+    if timing:
+        other = timing.get("other_cpu_cores")
+        lines += ["## Load while timing", "",
+                  f"{timing['timed_s']} s of timing; 1-minute load average {timing['load_average_before']} before, "
+                  f"{timing['load_average_after']} after (this run's own threads count in it); other processes: "
+                  + (f"{other:.2f} cores busy on average" if other is not None else "not measurable here")
+                  + f" of {timing['cpu_count']}. Rule: {BUSY_RULE}.", ""]
     lines += ["## Machine", ""]
     lines += [f"- {k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in m.items()]
     return "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ written)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import warnings
@@ -18,14 +19,20 @@ from compressor.cli import app
 from compressor.compaction import compact, write_compacted
 from compressor.errors import CompressorError
 from compressor.io import OUTPUT_MARKER
-from exporters.bench import NO_TORCH_FOR_ONNX, NOT_ONNX, BenchConfig, measure, parse_ints, placement_from_profile, run_bench
+import exporters.bench as bench_module
+from exporters.bench import (NO_TORCH_FOR_ONNX, NOT_ONNX, BenchConfig, measure, measure_interleaved, parse_ints,
+                             placement_from_profile, report_path, round_ratios, run_bench, spread)
+from exporters.bench_report import busy_reasons
 from factories import make_model_dir
 
 runner = CliRunner()
 FAST = ("--batch-sizes", "1,2", "--seq-lens", "8,16", "--min-time", "0.01", "--warmup", "1", "--threads", "1")
 INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
 RESULT_FIELDS = {"target", "provider", "batch_size", "seq_len", "status", "reason"}
-STAT_FIELDS = {"repeats", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "seq_per_s", "speedup_p50"}
+STAT_FIELDS = {"repeats", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms", "min_ms", "seq_per_s", "speedup_p50",
+               "rounds", "speedup_rounds"}
+TIMING_FIELDS = {"order", "rounds_target", "load_average_before", "load_average_after", "other_cpu_cores", "timed_s",
+                 "cpu_count"}
 TARGET_FIELDS = {"name", "kind", "path", "onnx", "size_bytes", "parameters", "flops_per_token", "placement"}
 MACHINE_FIELDS = {"platform", "processor", "cpu_count", "python", "torch", "onnxruntime", "onnx", "transformers",
                   "ort_available_providers", "threads"}
@@ -91,9 +98,12 @@ def test_report_files_and_schema(dirs, tmp_path):
     assert report["config"]["batch_sizes"] == [1, 2] and report["config"]["seq_lens"] == [8, 16]
     assert MACHINE_FIELDS <= set(report["machine"]) and report["machine"]["threads"] == 1
     assert report["providers"] == {"cpu": "CPUExecutionProvider"}
+    assert TIMING_FIELDS <= set(report["timing"]) and report["timing"]["order"] == "interleaved"
 
     export, onnx_file = report["targets"]
     assert TARGET_FIELDS <= set(export) and export["kind"] == "export" and onnx_file["kind"] == "onnx"
+    # the test runs outside the fixture's directory: names only, never a machine path
+    assert (export["path"], export["onnx"], onnx_file["path"]) == ("export", "model.onnx", "model.onnx")
     assert export["name"] == "export" and onnx_file["name"] == "export/model.onnx"
     for t in (export, onnx_file):
         assert t["size_bytes"] == dirs["onnx"].stat().st_size
@@ -110,12 +120,32 @@ def test_report_files_and_schema(dirs, tmp_path):
         assert c["repeats"] >= 3
         assert c["seq_per_s"] == pytest.approx(c["batch_size"] / (c["mean_ms"] / 1e3))
         assert c["speedup_p50"] > 0
-    assert all(c["speedup_p50"] == 1.0 for c in cells(report, "export"))
+        spread_ = c["speedup_rounds"]
+        assert spread_["rounds"] == c["rounds"] >= 1 and spread_["min"] <= spread_["q1"] <= spread_["median"] \
+            <= spread_["q3"] <= spread_["max"]
+    assert all(c["speedup_p50"] == 1.0 and c["speedup_rounds"]["max"] == 1.0 for c in cells(report, "export"))
+    # both targets of a shape ran the same rounds (they were timed in turn)
+    for b, s in ((1, 8), (1, 16), (2, 8), (2, 16)):
+        assert len({c["rounds"] for c in report["results"] if (c["batch_size"], c["seq_len"]) == (b, s)}) == 1
 
     md = (out / "report.md").read_text()
     for needle in ("## Targets", "## cpu (CPUExecutionProvider)", "speedup p50", "FLOPs/token (seq 16)",
-                   "## Node placement", "## Machine", "| export/model.onnx | 2 | 16 |"):
+                   "## Node placement", "## Machine", "| export/model.onnx | 2 | 16 |", "timed in turn",
+                   "## Load while timing", "per-round min–max"):
         assert needle in md, needle
+    text = (out / "report.json").read_text() + md
+    assert str(dirs["root"]) not in text and str(tmp_path) not in text and '"/' not in text
+
+
+def test_report_paths_relative_to_the_working_directory(dirs, tmp_path, monkeypatch):
+    monkeypatch.chdir(dirs["root"])
+    report = run_bench([Path("export"), dirs["onnx"]], fast_config(batch_sizes=[1], seq_lens=[8]), tmp_path / "r")
+    export, onnx_file = report["targets"]
+    assert (export["path"], export["onnx"]) == ("export", "export/model.onnx")
+    assert (onnx_file["path"], onnx_file["onnx"]) == ("export/model.onnx", "export/model.onnx")
+    assert report["paths"].startswith("relative to the working directory")
+    assert report_path(dirs["root"]) == "." and report_path("/definitely/elsewhere/x.onnx") == "x.onnx"
+    assert report_path(dirs["onnx"], base=dirs["export"]) == "model.onnx"
 
 
 def test_torch_provider_and_skipped_targets(dirs, tmp_path):
@@ -136,6 +166,114 @@ def test_torch_provider_and_skipped_targets(dirs, tmp_path):
     assert model["size_bytes"] == (dirs["model"] / "model.safetensors").stat().st_size
     md = (tmp_path / "r" / "report.md").read_text()
     assert "## torch (PyTorch (CPU))" in md and NOT_ONNX in md and NO_TORCH_FOR_ONNX in md
+
+
+def test_run_bench_interleaves_targets_per_shape(dirs, tmp_path, monkeypatch):
+    """The order of runs, never a time: for each provider x shape, every target's runner exists before any is
+    timed, then the targets alternate A, B, C, A, B, C, ... (each slice after one re-warm run)."""
+    events = []
+    make_runner = bench_module._Provider.runner
+
+    def recording(self, t, batch, seq):
+        run = make_runner(self, t, batch, seq)
+        key = (self.provider, batch, seq)
+        events.append((key, "made", t.name))
+
+        def wrapped():
+            events.append((key, "run", t.name))
+            run()
+        return wrapped
+
+    monkeypatch.setattr(bench_module._Provider, "runner", recording)
+    run_bench([dirs["export"], dirs["onnx"], dirs["model"]],
+              fast_config(providers=["cpu,torch"], batch_sizes=[1, 2], seq_lens=[8], warmup=1, min_repeats=4),
+              tmp_path / "r")
+    groups = [(key, list(group)) for key, group in itertools.groupby(events, key=lambda e: e[0])]
+    # one group per provider x shape, in that order: no target is timed alone across shapes
+    assert [key for key, _ in groups] == [("cpu", 1, 8), ("cpu", 2, 8), ("torch", 1, 8), ("torch", 2, 8)]
+    for (provider, _, _), group in groups:
+        expected = ["export", "export/model.onnx"] if provider == "cpu" else ["export", "model"]
+        kinds = [kind for _, kind, _ in group]
+        assert kinds == ["made"] * 2 + ["run"] * (len(kinds) - 2)  # every runner exists before any run
+        assert [name for _, kind, name in group if kind == "made"] == expected
+        runs = [name for _, kind, name in group if kind == "run"]
+        assert runs[:2] == expected  # warm-up (warmup=1), in target order
+        timed = runs[2:]
+        # collapse consecutive runs of one target (a re-warm run + its slice): A, B, A, B, ... and whole rounds
+        slices = [name for k, name in enumerate(timed) if k == 0 or timed[k - 1] != name]
+        assert len(slices) >= 4 and slices == expected * (len(slices) // 2)
+
+
+def test_measure_interleaved_order_and_failures():
+    order = []
+
+    def runner(name, fail_at=None):
+        def run():
+            order.append(name)
+            if fail_at is not None and order.count(name) == fail_at:
+                raise MemoryError("out of memory")
+        return run
+
+    stats = measure_interleaved({"A": runner("A"), "B": runner("B"), "C": runner("C")}, warmup=1, min_time_s=0,
+                                min_repeats=3, rounds=5)
+    # warm-up once each, then per round: one re-warm run + a one-run slice (min_time 0) per target, in turn
+    assert order == ["A", "B", "C"] + ["A", "A", "B", "B", "C", "C"] * 3
+    assert all(s["repeats"] == 3 and len(s["slices"]) == 3 for s in stats.values())
+
+    order.clear()
+    failed = {}
+    stats = measure_interleaved({"A": runner("A"), "B": runner("B", fail_at=4)}, warmup=0, min_time_s=0,
+                                min_repeats=3, failed=failed)
+    assert set(stats) == {"A"} and isinstance(failed["B"], MemoryError) and stats["A"]["repeats"] == 3
+    assert order == ["A", "A", "B", "B", "A", "A", "B", "B", "A", "A"]  # B dropped after its failing run
+
+    order.clear()
+    single = measure_interleaved({"A": runner("A")}, warmup=2, min_time_s=0, min_repeats=3)
+    assert order == ["A"] * 5 and single["A"]["repeats"] == 3  # alone: no re-warm runs
+
+
+def test_round_ratios_and_spread():
+    ratios = round_ratios([[2.0, 2.2, 1.8], [4.0], [2.0]], [[1.0, 1.1, 0.9], [1.0], [2.0]])
+    assert ratios == [2.0, 4.0, 1.0]
+    got = spread(ratios)
+    assert got == dict(median=2.0, q1=1.5, q3=3.0, min=1.0, max=4.0, rounds=3)
+    assert spread([]) is None
+
+
+def test_busy_rule():
+    def report(other=None, load=0.1, iqr=(1.45, 1.55)):
+        r = dict(median=1.5, q1=iqr[0], q3=iqr[1], min=1.4, max=1.6, rounds=8)
+        return dict(machine=dict(cpu_count=2, load_average=[load, 0, 0]),
+                    timing=dict(other_cpu_cores=other, load_average_before=load, cpu_count=2),
+                    results=[dict(target="pruned", provider="cpu", batch_size=8, seq_len=128, status="ok",
+                                  speedup_rounds=r)])
+    assert busy_reasons(report(other=0.05)) == []
+    assert "other processes kept 0.90 of 2 cores" in busy_reasons(report(other=0.9))[0]
+    assert busy_reasons(report(other=None, load=0.5)) == []  # no /proc/stat: the load average decides
+    assert "load average 1.70" in busy_reasons(report(other=None, load=1.7))[0]
+    wide = busy_reasons(report(other=0.0, iqr=(1.2, 1.6)))
+    assert len(wide) == 1 and "pruned cpu b8x128: 1.50x, IQR 1.20–1.60" in wide[0]
+
+
+def test_torch_cuda_missing_is_skipped_and_device_options(dirs, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the skip path is not reachable")
+    report = run_bench([dirs["model"]], fast_config(providers=["torch"], batch_sizes=[1], seq_lens=[8],
+                                                    device="cuda", dtype="fp16"), tmp_path / "r")
+    (cell,) = report["results"]
+    assert cell["status"] == "skipped" and "PyTorch device cuda is not available here" in cell["reason"]
+    assert report["providers"] == {"torch": "PyTorch (CUDA, fp16)"}
+    with pytest.raises(CompressorError, match="apply to the torch provider only"):
+        BenchConfig(providers=["cpu"], device="cuda")
+    with pytest.raises(CompressorError, match="unknown dtype 'fp8'"):
+        BenchConfig(providers=["torch"], dtype="fp8")
+
+
+def test_torch_bf16_on_cpu(dirs, tmp_path):
+    report = run_bench([dirs["model"]], fast_config(providers=["torch"], batch_sizes=[2], seq_lens=[8],
+                                                    dtype="bf16"), tmp_path / "r")
+    assert report["results"][0]["status"] == "ok", report["results"][0]["reason"]
+    assert report["providers"] == {"torch": "PyTorch (CPU, bf16)"}
 
 
 def test_torch_threads_restored(dirs, tmp_path):
