@@ -383,11 +383,16 @@ def export(req: ExportRequest, progress: Progress = None) -> ExportResult:
     if req.format != "onnx":
         raise ExportError("choose a format: --onnx (the only one supported)")
     config = ExportConfig(optimize=req.optimize, sparse=req.sparse, quantize=req.quantize, atol=req.atol,
-                          allow_mismatch=req.allow_mismatch, seed=req.seed)
+                          allow_mismatch=req.allow_mismatch, seed=req.seed, variants=req.variants)
     inputs = _inputs(req)
     check_output_dir(req.out, req.overwrite, inputs=inputs)
-    if req.data is not None and req.quantize != "int8":
-        raise ExportError("--data scores the int8 graph against the fp32 one: add --quantize int8")
+    if req.data is not None:
+        from exporters.variants import VARIANTS
+
+        scored = [name for name, cls in VARIANTS.items() if cls.scored]
+        if not set(scored) & set(config.variants):
+            raise ExportError(f"--data scores a variant graph ({', '.join(scored)}) against the fp32 one: add "
+                              "--quantize int8 or --variant " + " or --variant ".join(n for n in scored if n != "int8"))
     model, maskset, source, notes = _load_with_masks(req, req.masks, progress)
     tokenizer, eval_data = None, None
     if req.data is not None or req.tokenizer is not None:
@@ -521,29 +526,261 @@ def train(req: TrainRequest, progress: Progress = None) -> TrainResult:
                        train_examples=len(ctx.train_set), dev_examples=len(ctx.dev_set))
 
 
-def evaluate(req: EvalRequest, progress: Progress = None) -> EvalResult:
-    """`compress eval`: the dev metrics of a model with a prediction head (masked when `req.masks` is given);
-    also written to `req.json` when given."""
-    from .masks import masked_copy
-    from .training import TrainConfig
+DENSE = "dense"  # `compress eval --against dense`: the model before its --masks
+_REF_HINT = ("give a model directory, an export directory (model.onnx), an .onnx file, or 'dense' (the model "
+             "before its --masks)")
 
-    if req.json is not None:
-        check_output_file(req.json, req.overwrite, inputs=_inputs(req))
-    model, maskset, source, notes = _load_with_masks(req, req.masks, progress)
+
+class _EvalSide:
+    """One model `compress eval` scores: a PyTorch model or an ONNX graph (run by onnxruntime on the CPU), and the
+    directory of its tokenizer."""
+
+    def __init__(self, name: str, model: Optional[nn.Module] = None, graph: Optional[Path] = None,
+                 tokenizer_dir: Optional[Path] = None):
+        self.name, self.model, self.graph, self.tokenizer_dir = name, model, graph, tokenizer_dir
+        self.session, self.tokenizer = None, None
+
+    def positions(self) -> Optional[int]:
+        """How many tokens the model holds (a graph: from the config.json beside it, None without one)."""
+        import json
+
+        from .data.encode import max_positions
+
+        if self.model is not None:
+            return max_positions(self.model)
+        config = self.graph.parent / "config.json"
+        if not config.is_file():
+            return None
+        c = json.loads(config.read_text())
+        n = c.get("max_position_embeddings") or 0
+        if c.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
+            n -= (c.get("pad_token_id") or 0) + 1
+        return n or None
+
+    def logits(self, dataset, collate_fn, batch_size: int) -> tuple:
+        if self.graph is not None:
+            from exporters.accuracy import onnx_logits
+
+            return onnx_logits(self.session, dataset, collate_fn, batch_size)
+        from .training.loop import predict
+
+        return predict(self.model, dataset, collate_fn, batch_size)
+
+
+def _graph_path(path: Path, what: str) -> Optional[Path]:
+    """The ONNX graph `path` names (an .onnx file, or an export directory's model.onnx), checked; None for a model
+    directory; a one-line error for anything else."""
+    import onnx
+
+    from .errors import ExportError, ModelLoadError
+
+    if not path.exists():
+        raise ModelLoadError(f"{what} {path}: no such file or directory; {_REF_HINT}")
+    if path.is_file():
+        if path.suffix.lower() != ".onnx":
+            raise ExportError(f"{what} {path} is not an .onnx file; {_REF_HINT}")
+        graph = path
+    elif (path / "model.onnx").is_file():
+        graph = path / "model.onnx"
+    elif (path / "config.json").is_file():
+        return None
+    else:
+        raise ModelLoadError(f"{what} {path} is neither an export directory (model.onnx) nor a model directory "
+                             f"(config.json); {_REF_HINT}")
+    try:
+        proto = onnx.load(str(graph), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError and others
+        raise ExportError(f"{what} {graph} is not an ONNX model ({type(e).__name__}); {_REF_HINT}") from None
+    if not proto.graph.node or not proto.graph.input:  # an empty file parses as an empty ModelProto
+        raise ExportError(f"{what} {graph} is not an ONNX model (no graph); {_REF_HINT}")
+    return graph
+
+
+def _check_eval_request(req: EvalRequest) -> tuple:
+    """Everything `compress eval` can refuse before any work: (the candidate's graph or None, the reference: None,
+    DENSE, a graph path or a model directory)."""
+    from .errors import DataError, MaskError, ModelLoadError
+
+    if req.bootstrap < 1:
+        raise DataError(f"--bootstrap must be >= 1 resample, got {req.bootstrap}")
+    if req.fidelity_examples < 0:
+        raise DataError(f"--fidelity-examples must be >= 0 (0: no fidelity), got {req.fidelity_examples}")
+    if req.against is None and req.fidelity_data is not None:
+        raise DataError("--fidelity-data compares two models: add --against REF")
+    graph = _graph_path(Path(req.model), "MODEL") if req.model is not None else None
+    if graph is not None and req.masks is not None:
+        raise MaskError(f"--masks apply to a model directory, not to the ONNX graph {graph}: export the masked model "
+                        "(compress export --masks) and evaluate its export")
+    if graph is not None and (req.adapters or req.fusion or req.setup or req.head):
+        raise ModelLoadError(f"--adapter, --fusion, --setup and --head choose what a model directory runs; the "
+                             f"graph {graph} is fixed")
+    if req.against is None:
+        return graph, None
+    if str(req.against) == DENSE:
+        if req.masks is None:
+            raise MaskError("--against dense compares the masked model with the model before its masks: give --masks")
+        return graph, DENSE
+    ref = Path(req.against)
+    return graph, _graph_path(ref, "--against") or ref
+
+
+def _eval_side(name: str, graph: Optional[Path], model_dir: Optional[Path], req: EvalRequest) -> _EvalSide:
+    """A graph's session, or a model directory loaded (with its prediction head checked); its tokenizer."""
+    from .modeling import load_model
+
+    if graph is not None:
+        from exporters.runtime import make_session
+
+        side = _EvalSide(name, graph=graph, tokenizer_dir=graph.parent)
+        side.session = make_session(graph, "cpu")
+        side.tokenizer = load_tokenizer(graph.parent, None, req.tokenizer)
+        return side
+    model = load_model(model_dir)
     check_head(model)
-    if maskset is not None:
-        model = masked_copy(model, maskset)
-    tokenizer = load_tokenizer(source, model, req.tokenizer)
-    max_length = _max_length(model, req.max_length)
+    side = _EvalSide(name, model=model, tokenizer_dir=Path(model_dir))
+    side.tokenizer = load_tokenizer(model_dir, model, req.tokenizer)
+    return side
+
+
+def _check_graph_head(side: _EvalSide, spec) -> None:
+    from .errors import DataError
+
+    if side.session is None:
+        check_head(side.model, spec)
+        return
+    out = side.session.get_outputs()[0]
+    if out.name != "logits":
+        raise DataError(f"{side.graph}'s output is {out.name}, not logits: the model has no prediction head; "
+                        "train a head first: compress train MODEL --data ... --train head")
+    width = out.shape[-1] if out.shape else None
+    if isinstance(width, int) and width != spec.num_labels:
+        raise DataError(f"{side.graph} has {width} output{'s' if width != 1 else ''}, {spec.ref} needs "
+                        f"{spec.num_labels}")
+
+
+def _eval_max_length(sides, requested: Optional[int]) -> int:
+    """--max-length checked against every side's positions; None: 128, or fewer when a side holds fewer."""
+    from .errors import DataError
+
+    limits = [(side, side.positions()) for side in sides]
+    if requested is not None:
+        for side, n in limits:
+            if n is not None and requested > n:
+                raise DataError(f"--max-length {requested} is more than {side.name} holds ({n} positions); "
+                                f"use --max-length {n} or less")
+        return requested
+    return min([DEFAULT_MAX_LENGTH] + [n for _, n in limits if n])
+
+
+def _fidelity_pool(req: EvalRequest, data) -> tuple:
+    """(examples, where they come from): the unlabeled texts fidelity compares the two models on. Default: the
+    last --fidelity-examples rows of the task's training split (after the first --max-train-examples, which
+    training used); --fidelity-data: the first rows of that file."""
+    from .data import Example
+    from .evaluation import read_texts
+
+    n = req.fidelity_examples
+    label = 0.0 if data.spec.is_regression else 0
+    if n == 0:
+        return [], None
+    if req.fidelity_data is not None:
+        texts = read_texts(req.fidelity_data, req.fidelity_columns or req.text_columns)[:n]
+        return [Example(t, label) for t in texts], f"{req.fidelity_data}, rows 1-{len(texts)}"
+    train = data.train
+    used = min(req.max_train_examples or 0, len(train))
+    first = max(used, len(train) - n)
+    if first >= len(train):
+        return [], None
+    after = f", after the first {used} (--max-train-examples)" if used else ""
+    return ([Example(e.texts, label) for e in train[first:]],
+            f"{data.spec.ref} training rows {first + 1}-{len(train)} of {len(train)}{after}, labels unused")
+
+
+def evaluate(req: EvalRequest, progress: Progress = None) -> EvalResult:
+    """`compress eval`: the dev metrics of a model with a prediction head (masked when `req.masks` is given), or
+    of an ONNX graph (an export directory's model.onnx, or an .onnx file, on onnxruntime's CPU provider); also
+    written to `req.json` when given.
+
+    With `req.against` (a model directory, an export directory, an .onnx file, or "dense": the model before its
+    masks), the reference is scored on the same dev examples and compared (compressor.evaluation): per metric
+    the paired difference (candidate - reference) with a 95% bootstrap interval, the agreement of the two
+    models' predictions, and their fidelity on unlabeled text (agreement and mean KL(reference || candidate))."""
+    from .data import TokenizedDataset, compute_metrics
+    from .data import collate as make_collate
+    from .masks import masked_copy
+    from .training import TaskContext, TrainConfig
+
+    graph, against = _check_eval_request(req)
+    inputs = _inputs(req, *[p for p in (req.fidelity_data, against if against not in (None, DENSE) else None)
+                            if p is not None])
+    if req.json is not None:
+        check_output_file(req.json, req.overwrite, inputs=inputs)
+    say = _say(progress)
+    maskset, notes = None, []
+    if graph is not None:
+        say("loading model")
+        source = graph
+        cand = _eval_side(str(graph), graph, None, req)
+    else:
+        model, maskset, source, notes = _load_with_masks(req, req.masks, progress)
+        check_head(model)
+        cand = _EvalSide(str(source) + (f" masked by {req.masks}" if req.masks is not None else ""),
+                         model=masked_copy(model, maskset) if maskset is not None else model,
+                         tokenizer_dir=Path(source))
+        cand.tokenizer = load_tokenizer(source, model, req.tokenizer)
+    ref = None
+    if against == DENSE:
+        ref = _EvalSide(f"{source} (dense)", model=model, tokenizer_dir=cand.tokenizer_dir)
+        ref.tokenizer = cand.tokenizer
+    elif against is not None:
+        say("loading the reference")
+        is_graph = Path(against).suffix.lower() == ".onnx"
+        ref = _eval_side(str(against), Path(against) if is_graph else None, None if is_graph else Path(against),
+                         req)
+    sides = [cand] + ([ref] if ref is not None else [])
+    max_length = _eval_max_length(sides, req.max_length)
     config = TrainConfig(max_length=max_length, eval_batch_size=req.batch_size)
-    ctx = _load_task(req, tokenizer, config, 1, req.max_dev_examples, progress)
-    check_head(model, ctx.spec)
-    _say(progress)("evaluating")
-    metrics = ctx.evaluate(model)
+    ctx = _load_task(req, cand.tokenizer, config, 1, req.max_dev_examples, progress)
+    for side in sides:
+        _check_graph_head(side, ctx.spec)
+    # the dev set and the fidelity pool tokenised once per tokenizer directory
+    dev_sets = {cand.tokenizer_dir.resolve(): (ctx.dev_set, ctx.collate)}
+
+    def dev_of(side):
+        key = side.tokenizer_dir.resolve()
+        if key not in dev_sets:
+            other = TaskContext.build(ctx.data, side.tokenizer, config, max_train=1, max_dev=req.max_dev_examples)
+            dev_sets[key] = (other.dev_set, other.collate)
+        return dev_sets[key]
+
+    say("evaluating")
+    cand_logits, labels = cand.logits(*dev_of(cand), req.batch_size)
+    metrics = compute_metrics(ctx.spec, cand_logits, labels)
     result = EvalResult(model=Path(source), masks=Path(req.masks) if req.masks is not None else None,
                         masks_method=maskset.method if maskset is not None else None, task=ctx.spec.ref,
                         main_metric=ctx.spec.main_metric, dev_examples=len(ctx.dev_set), metrics=metrics,
                         notes=notes)
+    if ref is not None:
+        from .evaluation import compare, fidelity
+
+        say("evaluating the reference")
+        ref_logits, _ = ref.logits(*dev_of(ref), req.batch_size)
+        compared = compare(ctx.spec, cand_logits, ref_logits, labels, B=req.bootstrap, seed=req.seed)
+        pool, where = _fidelity_pool(req, ctx.data)
+        fid = dict(examples=0, source=None)
+        if pool:
+            say(f"fidelity on {len(pool)} texts")
+            pools = {}
+            for side in sides:
+                key = side.tokenizer_dir.resolve()
+                if key not in pools:
+                    pools[key] = (TokenizedDataset(pool, side.tokenizer, max_length), make_collate(side.tokenizer))
+            pool_cand = cand.logits(*pools[cand.tokenizer_dir.resolve()], req.batch_size)[0]
+            pool_ref = ref.logits(*pools[ref.tokenizer_dir.resolve()], req.batch_size)[0]
+            fid = fidelity(pool_cand, pool_ref, ctx.spec.is_regression, where)
+        result.against, result.reference = str(req.against), ref.name
+        result.reference_metrics, result.differences = compared["reference"], compared["differences"]
+        result.agreement, result.fidelity, result.bootstrap = compared["agreement"], fid, compared["bootstrap"]
     if req.json is not None:
         record = dict(model=str(source), masks=str(req.masks) if req.masks is not None else None,
                       masks_method=result.masks_method, data=dict(ctx.data.source, dev_examples=len(ctx.dev_set)),
@@ -551,7 +788,11 @@ def evaluate(req: EvalRequest, progress: Progress = None) -> EvalResult:
                       max_length=max_length)
         if req.tokenizer is not None:
             record["tokenizer"] = str(req.tokenizer)
-        result.json = Path(atomic_write_json(req.json, record, overwrite=req.overwrite, inputs=_inputs(req)))
+        if ref is not None:
+            record.update(against=result.against, reference=result.reference,
+                          reference_metrics=result.reference_metrics, differences=result.differences,
+                          agreement=result.agreement, fidelity=result.fidelity, bootstrap=result.bootstrap)
+        result.json = Path(atomic_write_json(req.json, record, overwrite=req.overwrite, inputs=inputs))
     return result
 
 
@@ -569,13 +810,16 @@ def bench(req: BenchRequest, progress: Progress = None) -> BenchResult:
                                f"({os.cpu_count() or 1} here)")
     config = BenchConfig(providers=list(req.providers), batch_sizes=req.batch_sizes, seq_lens=req.seq_lens,
                          threads=req.threads or os.cpu_count() or 1, warmup=req.warmup, min_time_s=req.min_time,
-                         seed=req.seed)
+                         seed=req.seed, rounds=req.rounds, device=req.device, dtype=req.dtype)
     check_output_dir(req.out, req.overwrite, inputs=[Path(t) for t in req.targets])
     say = _say(progress)
     report = run_bench(list(req.targets), config, req.out, overwrite=req.overwrite,
                        progress=lambda label, done, total: say(f"{label} ({done}/{total})"))
     failed = sum(c["status"] == "failed" for c in report["results"])
-    return BenchResult(out=Path(req.out), report=report, threads=config.threads, failed=failed)
+    from exporters.bench_report import busy_reasons
+
+    return BenchResult(out=Path(req.out), report=report, threads=config.threads, failed=failed,
+                       busy=busy_reasons(report))
 
 
 def demo(req: DemoRequest, progress: Progress = None) -> DemoResult:

@@ -430,6 +430,11 @@ def export(
                                            "quantization); its deviation is reported, not held to --atol."),
     sparse: bool = typer.Option(False, "--sparse", help="Also write model.sparse.onnx, with weights pruned by "
                                 "--sparsity weights=... stored as sparse initializers."),
+    variant: Optional[List[str]] = typer.Option(None, "--variant", help="Also write this registered variant "
+                                                "(repeatable): fp16 (model.fp16.onnx, onnxruntime float16 "
+                                                "conversion with fp32 inputs and outputs, for GPUs; held to 1e-2), "
+                                                "int8 (= --quantize int8), sparse (= --sparse), or any other "
+                                                "registered in exporters/variants.py."),
     atol: float = typer.Option(1e-4, "--atol", help="Parity tolerance (max abs diff per output) against the masked "
                                "model."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Keep the export even when parity fails "
@@ -437,8 +442,9 @@ def export(
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the parity inputs. Default: fresh random "
                                        "inputs (the seed used is in parity.json)."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
-    data: Optional[str] = typer.Option(None, "--data", help="With --quantize int8: score model.onnx and "
-                                       "model.int8.onnx on this task's dev split (as for prune and eval)."),
+    data: Optional[str] = typer.Option(None, "--data", help="With --quantize int8 or --variant fp16: score "
+                                       "model.onnx and each such variant on this task's dev split (as for prune "
+                                       "and eval)."),
     data_dir: Optional[Path] = DATA_DIR_OPT,
     task: Optional[str] = TASK_OPT,
     text_columns: Optional[str] = TEXT_COLUMNS_OPT,
@@ -466,32 +472,34 @@ def export(
         request = ExportRequest(**_model(model, adapter, fusion, setup, head),
                                 **_data(data, data_dir, task, text_columns, label_column, tokenizer, None, max_dev),
                                 masks=masks, out=out, format="onnx" if onnx else None, optimize=optimize,
-                                quantize=quantize, sparse=sparse, atol=atol, allow_mismatch=allow_mismatch,
-                                seed=seed, overwrite=overwrite, max_length=max_length)
+                                quantize=quantize, sparse=sparse, variants=tuple(variant or ()), atol=atol,
+                                allow_mismatch=allow_mismatch, seed=seed, overwrite=overwrite, max_length=max_length)
         with step("exporting") as say:
             r = api.export(request, say)
         _notes(r.notes)
         result = r.export
         table = Table(title=f"ONNX export ({'optimised' if optimize else 'not optimised'})")
-        for col in ("file", "size", "worst max abs diff vs masked model", "parity"):
+        for col in ("file", "size", "worst max abs diff vs masked model", "held to", "parity"):
             table.add_column(col, justify="right")
-        worst = result.parity["worst"]
-        for role, name in result.files.items():
-            verdict = "recorded" if role == "int8" else ("ok" if worst[name] <= atol else "MISMATCH")
-            table.add_row(name, f"{result.sizes[name] / 2**20:.2f} MB", f"{worst[name]:.2e}", verdict)
-        table.add_row("compacted (PyTorch)", "", f"{worst['compacted (PyTorch)']:.2e}",
-                      "ok" if worst["compacted (PyTorch)"] <= atol else "MISMATCH")
+        worst, targets = result.parity["worst"], result.parity["targets"]
+        for name in [*result.files.values(), "compacted (PyTorch)"]:  # model.onnx, each variant's file
+            tol = targets[name]["tolerance"]
+            verdict = "recorded" if tol is None else ("ok" if targets[name]["passed"] else "MISMATCH")
+            size = f"{result.sizes[name] / 2**20:.2f} MB" if name in result.sizes else ""
+            table.add_row(name, size, f"{worst[name]:.2e}", "-" if tol is None else f"{tol:g}", verdict)
         console.print(table)
         if r.optimize:
             console.print("fused Attention per layer (heads): " + ", ".join(
                 f"{i}:{n}x({h})" + ("" if ok else " NOT FUSED") for i, h, n, _, ok in r.attention))
-        if result.int8 is not None and "accuracy" in result.int8:
-            acc = result.int8["accuracy"]
-            metrics = Table(title=f"dev metrics on {result.int8['data']}: fp32 vs int8")
-            for col in ("metric", "model.onnx", "model.int8.onnx", "change"):
+        for name, entry in result.variants.items():  # each variant scored with --data
+            if "accuracy" not in entry:
+                continue
+            acc = entry["accuracy"]
+            metrics = Table(title=f"dev metrics on {entry['data']}: fp32 vs {name}")
+            for col in ("metric", "model.onnx", entry["file"], "change"):
                 metrics.add_column(col, justify="right")
             for k in acc["fp32"]:
-                metrics.add_row(k, f"{acc['fp32'][k]:.4f}", f"{acc['int8'][k]:.4f}", f"{acc['change'][k]:+.4f}")
+                metrics.add_row(k, f"{acc['fp32'][k]:.4f}", f"{acc[name][k]:.4f}", f"{acc['change'][k]:+.4f}")
             console.print(metrics)
         console.print(f"wrote {out} (model.onnx, parity.json, export.md, compacted model, tokenizer)")
 
@@ -570,18 +578,40 @@ def train(
 
 @app.command(name="eval")
 def evaluate(
-    model: Optional[Path] = MODEL_ARG,
+    model: Optional[Path] = typer.Argument(None, help="Model directory (as for the other commands), or an export "
+                                           "directory (runs its model.onnx) or an .onnx file (e.g. model.int8.onnx), "
+                                           "run by onnxruntime on the CPU. Default: the embedded default."),
     data: str = DATA_REQUIRED_OPT,
     masks: Optional[Path] = typer.Option(None, "--masks", help="Mask directory from `compress prune`: evaluate the "
                                          "masked model. When the method trained weights (DIR/model), that model "
                                          "is used instead of MODEL."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics to this JSON file."),
+    against: Optional[str] = typer.Option(None, "--against", metavar="REF", help="Compare with REF on the same "
+                                          "examples: a model directory, an export directory, an .onnx file, or "
+                                          "'dense' (the model before its --masks). Prints both models' metrics, "
+                                          "the paired difference with a 95% bootstrap interval, their agreement "
+                                          "and their fidelity on unlabeled text."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=1, help="Bootstrap resamples of the dev examples."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap resamples."),
+    fidelity_examples: int = typer.Option(5000, "--fidelity-examples", min=0, help="Unlabeled texts for fidelity "
+                                          "(agreement and mean KL of the two models' outputs): the last N rows of "
+                                          "the training split (after --max-train-examples), or the first N of "
+                                          "--fidelity-data. 0: none."),
+    fidelity_data: Optional[Path] = typer.Option(None, "--fidelity-data", help="Texts for fidelity instead of the "
+                                                 "training split: .txt (one per line, a tab between a pair) or "
+                                                 "CSV / TSV / JSONL (--fidelity-columns)."),
+    fidelity_columns: Optional[str] = typer.Option(None, "--fidelity-columns", help="Text column(s) of "
+                                                   "--fidelity-data. Default: --text-columns, else 'text'."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the metrics (and the comparison) to "
+                                            "this JSON file."),
     overwrite: bool = typer.Option(False, help="Replace --json if it exists."),
     data_dir: Optional[Path] = DATA_DIR_OPT,
     task: Optional[str] = TASK_OPT,
     text_columns: Optional[str] = TEXT_COLUMNS_OPT,
     label_column: Optional[str] = LABEL_COLUMN_OPT,
     tokenizer: Optional[str] = TOKENIZER_OPT,
+    max_train_examples: Optional[int] = typer.Option(None, "--max-train-examples", min=1, help="The first N "
+                                                     "training rows were used for training or pruning: fidelity "
+                                                     "draws from the rows after them."),
     max_dev_examples: Optional[int] = MAX_DEV_OPT,
     max_length: Optional[int] = MAX_LENGTH_OPT,
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Evaluation batch size."),
@@ -590,26 +620,73 @@ def evaluate(
     setup: Optional[str] = SETUP_OPT,
     head: Optional[str] = HEAD_OPT,
 ):
-    """Evaluate a model with a prediction head (masked with --masks) on the dev split of --data.
+    """Evaluate a model with a prediction head (masked with --masks), or an exported graph, on the dev split of
+    --data; with --against, compare it with a reference on the same examples.
 
-    Example: compress eval --masks masks --data glue:rte --json rte.json
+    Example: compress eval --masks masks --data glue:rte --against dense --json rte.json
     """
     with user_errors():
         from . import api
         from .requests import EvalRequest
 
         request = EvalRequest(**_model(model, adapter, fusion, setup, head),
-                              **_data(data, data_dir, task, text_columns, label_column, tokenizer, None,
-                                      max_dev_examples),
+                              **_data(data, data_dir, task, text_columns, label_column, tokenizer,
+                                      max_train_examples, max_dev_examples),
                               masks=masks, json=json_out, overwrite=overwrite, max_length=max_length,
-                              batch_size=batch_size)
+                              batch_size=batch_size, against=against, bootstrap=bootstrap, seed=seed,
+                              fidelity_examples=fidelity_examples, fidelity_data=fidelity_data,
+                              fidelity_columns=fidelity_columns)
         with step("evaluating") as say:
             r = api.evaluate(request, say)
         _notes(r.notes)
         what = str(r.model) + (f" masked by {r.masks} ({r.masks_method})" if r.masks is not None else "")
-        _print_metrics(f"{escape(what)} on {escape(r.task)} dev ({r.dev_examples} examples)", r.metrics.items())
+        if r.against is None:
+            _print_metrics(f"{escape(what)} on {escape(r.task)} dev ({r.dev_examples} examples)", r.metrics.items())
+        else:
+            _print_comparison(what, r)
         if r.json is not None:
             console.print(f"wrote {r.json}")
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.4f}"
+
+
+def _print_comparison(what: str, r) -> None:
+    """`compress eval --against`: one table (metric, candidate, reference, difference, 95% CI) and the agreement and
+    fidelity lines."""
+    b = r.bootstrap
+    console.print(f"candidate: {escape(what)}\nreference: {escape(r.reference)}", highlight=False, soft_wrap=True)
+    console.print(f"{escape(r.task)} dev, {r.dev_examples} examples; difference = candidate - reference, paired; "
+                  f"{round(100 * b['confidence'])}% percentile bootstrap interval over {b['resamples']} resamples "
+                  f"of the examples (seed {b['seed']})", highlight=False)
+    table = Table(box=None, pad_edge=False)  # no rules: the six columns fit in 80
+    for name, justify in (("metric", "left"), ("candidate", "right"), ("reference", "right"),
+                          ("difference", "right"), (f"{round(100 * b['confidence'])}% CI", "left"), ("", "left")):
+        table.add_column(name, justify=justify, no_wrap=True)
+    for d in r.differences:
+        table.add_row(escape(d["metric"]), _metric(d["candidate"]), _metric(d["reference"]),
+                      _signed(d["difference"]), f"[{_signed(d['low'])}, {_signed(d['high'])}]",
+                      "within noise" if d["within_noise"] else "")
+    console.print(table)
+    console.print(_agreement_line(f"agreement on the {r.dev_examples} dev examples", r.agreement), highlight=False,
+                  soft_wrap=True)
+    fid = r.fidelity or {}
+    if fid.get("examples"):
+        console.print(_agreement_line(f"fidelity on {fid['examples']} unlabeled texts ({escape(fid['source'])})",
+                                      fid), highlight=False, soft_wrap=True)
+    else:
+        console.print("fidelity: no unlabeled texts (--fidelity-examples 0, or no training rows left)",
+                      highlight=False)
+
+
+def _agreement_line(title: str, a: dict) -> str:
+    if "correlation" in a:  # regression: no labels to agree on, no distributions to compare
+        return (f"{title}: correlation of the predictions {a['correlation']:.4f}, mean absolute difference "
+                f"{a['mean_abs_diff']:.4f}")
+    same = round(a["agreement"] * a["examples"])
+    return (f"{title}: same predicted label {a['agreement']:.4f} ({same} of {a['examples']}), mean KL(reference || "
+            f"candidate) {a['mean_kl']:.3g} nats")
 
 
 # ----------------------------------------------------------------------------------------------- bench
@@ -628,13 +705,20 @@ def bench(
     min_time: float = typer.Option(1.0, "--min-time", help="Minimum timed seconds per cell (at least 10 runs)."),
     warmup: int = typer.Option(3, "--warmup", help="Untimed runs before timing each cell."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random token ids."),
+    rounds: int = typer.Option(10, "--rounds", min=1, help="Slices per target: the targets are timed in turn, "
+                               "each for --min-time / ROUNDS s per round, until --min-time and 10 runs."),
+    device: str = typer.Option("cpu", "--device", help="The torch provider's device: cpu | cuda (a missing "
+                               "CUDA is reported as skipped)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="The torch provider's precision: fp32 | fp16 | bf16."),
     out: Path = typer.Option(..., "--out", help="Report directory: report.json, report.md, latency.png."),
     overwrite: bool = typer.Option(False, help="Replace --out if it exists."),
 ):
     """Measure latency (p50/p90/p99/mean/std ms) and throughput of exported and PyTorch models.
 
     Each target runs on each --provider at each batch size x sequence length, after warm-up, with pinned threads,
-    until --min-time and 10 runs are reached. Speedups are against the first target.
+    until --min-time and 10 runs are reached; the targets of a provider and shape are timed in turn (rounds of
+    short slices), so machine load hits them alike. Speedups are against the first target, with the
+    interquartile range of the per-round ratio.
 
     The report also records size, parameters, FLOPs per token, the machine, library versions, and which ONNX
     nodes fell back to the CPU.
@@ -649,27 +733,30 @@ def bench(
           --batch-sizes 1,32 --threads 4 --out bench-int8
     """
     with user_errors():
-        from exporters.bench_report import not_run
+        from exporters.bench_report import not_run, speedup_text
 
         from . import api
         from .requests import BenchRequest
 
         request = BenchRequest(targets=targets, providers=provider, batch_sizes=batch_sizes, seq_lens=seq_lens,
                                threads=threads, min_time=min_time, warmup=warmup, seed=seed, out=out,
-                               overwrite=overwrite)
+                               overwrite=overwrite, rounds=rounds, device=device, dtype=dtype)
         with step("benchmarking") as say:
             r = api.bench(request, say)
         report = r.report
         table = Table(title=f"latency per batch, ms ({r.threads} threads; speedup vs "
-                            f"{report['targets'][0]['name']})")
+                            f"{report['targets'][0]['name']}, in brackets its interquartile range over rounds)")
         for col in ("target", "provider", "batch", "seq", "p50", "p99", "seq/s", "speedup"):
             table.add_column(col, justify="left" if col in ("target", "provider") else "right")
         for c in report["results"]:
             if c["status"] == "ok":
                 table.add_row(escape(c["target"]), c["provider"], str(c["batch_size"]), str(c["seq_len"]),
                               f"{c['p50_ms']:.3f}", f"{c['p99_ms']:.3f}", f"{c['seq_per_s']:.1f}",
-                              f"{c['speedup_p50']:.2f}x" if c["speedup_p50"] else "-")
+                              speedup_text(c))
         console.print(table)
+        if r.busy:
+            console.print("warning: the machine was busy while timing: " + escape("; ".join(r.busy)),
+                          style="yellow", highlight=False)
         for target, prov, status, reason, shapes in not_run(report):
             console.print(f"{status}: {escape(target)} on {prov} ({shapes}): {escape(reason)}", highlight=False,
                           style="red" if status == "failed" else "yellow")
@@ -711,7 +798,7 @@ def demo(
     """
     with user_errors():
         from . import api
-        from .demo import DEMO_STAGES
+        from .demo import DEMO_STAGES, speedup_cell
         from .requests import DemoRequest
 
         n = [0]
@@ -727,7 +814,8 @@ def demo(
         metric = record["main_metric"]
         table = Table(title=f"{record['task']} dev ({record['dev_examples']} examples); ONNX size; onnxruntime CPU "
                             f"p50 latency at batch b x {config.seq_len} tokens ({record['machine']['threads']} "
-                            "threads) and speedup over the unpruned model")
+                            "threads) and speedup over the unpruned model (in brackets its interquartile range over "
+                            "the timing rounds)")
         batches = config.batch_sizes
         for col in ["model", metric[:8], "params", "MB"] + [f"b{b} ms" for b in batches] + \
                 [f"b{b} gain" for b in batches]:
@@ -736,8 +824,12 @@ def demo(
             table.add_row(row["name"], f"{row['metrics'][metric]:.4f}", _fmt(row["parameters"]),
                           f"{row['onnx_bytes'] / 2**20:.1f}",
                           *[f"{row['p50_ms'][b]:.1f}" if b in row["p50_ms"] else "failed" for b in batches],
-                          *[f"{row['speedup'][b]:.2f}x" if b in row["speedup"] else "-" for b in batches])
+                          *[speedup_cell(row, b) for b in batches])
         console.print(table)
+        if record.get("busy"):
+            console.print("warning: the machine was busy while timing (" + escape("; ".join(record["busy"]))
+                          + "): the latencies and gains may be skewed; rerun on a quiet machine", style="yellow",
+                          highlight=False)
         console.print("kept: " + ", ".join(f"{k} {v['kept']}/{v['total']}" for k, v in record["masks"].items())
                       + f"; {record['seconds']:.0f} s in all", highlight=False)
         console.print(f"wrote {out}/demo.md, {out}/demo.json, {out}/masks, {out}/onnx-unpruned, {out}/onnx-pruned "

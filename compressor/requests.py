@@ -133,8 +133,9 @@ class ExportRequest(ModelOptions, DataOptions):
     masks: Optional[PathLike] = None
     format: Optional[str] = "onnx"  # the CLI's --onnx; the only format
     optimize: bool = True
-    quantize: Optional[str] = None
-    sparse: bool = False
+    quantize: Optional[str] = None  # "int8": the same as "int8" in variants
+    sparse: bool = False  # the same as "sparse" in variants
+    variants: Sequence[str] = ()  # names registered in exporters/variants.py: int8, fp16, sparse (--variant)
     atol: float = 1e-4
     allow_mismatch: bool = False
     seed: Optional[int] = None
@@ -145,7 +146,7 @@ class ExportRequest(ModelOptions, DataOptions):
 @dataclass
 class ExportResult:
     out: Path
-    export: Any  # exporters.onnx_export.ExportResult: files, sizes, parity, int8
+    export: Any  # exporters.onnx_export.ExportResult: files, sizes, parity, variants
     optimize: bool
     atol: float
     attention: List[tuple] = field(default_factory=list)  # export_summary.attention_rows, when optimised
@@ -184,11 +185,19 @@ class EvalRequest(ModelOptions, DataOptions):
     overwrite: bool = False
     max_length: Optional[int] = None  # None: 128, or the model's positions when fewer
     batch_size: int = 64
+    # the paired comparison (compressor.evaluation): a model directory, an export directory, an .onnx file, or
+    # "dense" (the model before its masks); the candidate is `model` (masked), or a graph
+    against: Optional[PathLike] = None
+    bootstrap: int = 1000  # resamples of the dev examples for the 95% interval of each difference
+    seed: int = 0  # of the resamples
+    fidelity_examples: int = 5000  # unlabeled texts: the training split's last rows, or fidelity_data's first
+    fidelity_data: Optional[PathLike] = None  # .txt (a line per text, a tab between a pair) or CSV / TSV / JSONL
+    fidelity_columns: Optional[str] = None  # fidelity_data's text column(s); default text_columns, else "text"
 
 
 @dataclass
 class EvalResult:
-    model: Path  # the directory the model came from
+    model: Path  # the directory the model came from, or the ONNX graph scored
     masks: Optional[Path]
     masks_method: Optional[str]
     task: str
@@ -197,6 +206,16 @@ class EvalResult:
     metrics: Dict[str, float]
     json: Optional[Path] = None
     notes: List[str] = field(default_factory=list)
+    # with `against` (compressor.evaluation.compare): difference = candidate - reference
+    against: Optional[str] = None
+    reference: Optional[str] = None  # what the reference is, as printed
+    reference_metrics: Dict[str, float] = field(default_factory=dict)
+    differences: List[dict] = field(default_factory=list)  # metric, candidate, reference, difference, low, high,
+    #                                                        within_noise (the interval holds 0)
+    agreement: Dict[str, float] = field(default_factory=dict)  # dev: agreement + mean_kl, or correlation +
+    #                                                            mean_abs_diff (regression); examples
+    fidelity: Dict[str, Any] = field(default_factory=dict)  # the same on unlabeled texts, + source
+    bootstrap: Optional[dict] = None  # resamples, seed, confidence, interval, examples
 
 
 # ----------------------------------------------------------------------------------------------- bench
@@ -213,6 +232,9 @@ class BenchRequest:
     warmup: int = 3
     seed: int = 0
     overwrite: bool = False
+    rounds: int = 10  # --min-time is cut into this many slices per target, the targets timed in turn
+    device: str = "cpu"  # the torch provider's device: cpu | cuda
+    dtype: str = "fp32"  # the torch provider's precision: fp32 | fp16 | bf16
 
 
 @dataclass
@@ -221,6 +243,7 @@ class BenchResult:
     report: dict  # what report.json holds
     threads: int
     failed: int  # cells that failed
+    busy: List[str] = field(default_factory=list)  # why the machine counted as busy while timing (bench_report)
 
 
 # ----------------------------------------------------------------------------------------------- demo
