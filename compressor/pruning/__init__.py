@@ -7,3 +7,4 @@ from .sparsity import parse_sparsity
 __all__ = ["CRITERIA", "Criterion", "register_criterion", "METHODS", "PruningMethod", "register_method", "prune",
            "parse_sparsity"]
 from . import head_adapters, importance, learned_masks, lottery, magnitude_global, sparse_adapter  # noqa: E402,F401  (register)
+from . import post_training  # noqa: E402,F401  (registers post-training)

@@ -1,0 +1,232 @@
+"""`post-training` (compressor/pruning/post_training.py, Kwon et al. 2022): Fisher mask search under a FLOPs
+target and least-squares mask tuning folded into the weights, on the planted-signal tiny model
+(task_factories.planted_signal_model: the task signal flows through one known head per layer; the factories
+plant heads only, so only heads are checked against a plant)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from compressor.compaction import compact
+from compressor.errors import PruningConfigError
+from compressor.masks import MaskSet, masked_copy
+from compressor.modeling.architecture import layers_of
+from compressor.pruning import METHODS, prune
+from compressor.pruning.post_training import floor_masks, member_costs, real_flops
+from compressor.units import fingerprint, iter_units
+from factories import make_model_dir
+from task_factories import (planted_signal_model, signal_context, signal_data_args, single_thread, with_tokenizer,
+                            write_signal_tsv)
+
+SEED = 0
+ALL = {"heads": 0, "neurons": 0, "bottleneck": 0, "adapters": 0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_signal_model(SEED)
+
+
+@pytest.fixture(scope="module")
+def ctx(planted):
+    return signal_context(planted.tokenizer, max_steps=2)
+
+
+@pytest.fixture(scope="module")
+def tuned(planted, ctx):
+    return prune(planted.model, "post-training", ALL, seed=SEED, data=ctx, options=dict(target_flops=0.3, examples=96))
+
+
+def test_fisher_search_keeps_the_planted_heads_when_the_budget_drops_the_others(planted, ctx):
+    """Heads only, a target between one and two heads per layer: 3 of 4 heads go in each layer (min_keep 1),
+    and the one kept is the planted head."""
+    model = planted.model
+    heads = [u for u in iter_units(model) if u.kind == "heads"]
+    dense = real_flops(model)
+    one_each = real_flops(model, floor_masks(heads, 1))
+    head_cost = next(iter(member_costs(model, heads).values()))
+    target = (one_each + head_cost / 2) / dense
+    ms = prune(model, "post-training", {"heads": 0}, seed=SEED, data=ctx,
+               options=dict(target_flops=target, examples=64, tune=False))
+    assert ms.model is None and ms.extra["target_met"] and ms.extra["flops"] <= target * dense
+    for key, keep in planted.keep.items():
+        assert ms.masks[key].nonzero().flatten().tolist() == list(keep), key
+    assert set(ms.masks) == {u.key for u in heads}
+
+
+def test_all_kinds_compete_and_the_target_is_met(planted, tuned):
+    ms = tuned
+    ms.check(planted.model)
+    assert ms.method == "post-training" and set(ms.counts()) == set(ALL)
+    assert ms.extra["target_met"] and ms.extra["flops"] <= 0.3 * ms.extra["dense_flops"]
+    assert ms.extra["flops"] == real_flops(planted.model, ms.masks)  # measured on the compacted model
+    for key, keep in planted.keep.items():  # the planted heads survive the joint search too
+        assert bool(ms.masks[key][list(keep)].all()), key
+    assert ms.extra["dev_metrics"]["accuracy"] == 1.0
+
+
+def test_mask_tuning_lowers_every_tuned_blocks_reconstruction_error(tuned):
+    tuning = tuned.extra["tuning"]
+    assert len(tuning) == 10  # per layer: heads, neurons, three adapters' bottlenecks
+    for t in tuning:
+        assert t["error_after"] <= t["error_before"], t
+        assert t["applied"] and t["error_after"] < t["error_before"], t
+
+
+def _attention_error(model, masks, dense, batches):
+    """Layer 0's attention block error ||W_o ctx + b + x - dense||^2 over real tokens (its input x is the
+    embeddings in both models, so this is independent of later layers)."""
+    def capture(m):
+        store = {}
+        site = layers_of(m)[0].attention.output
+        h = site.register_forward_pre_hook(lambda mod, args: store.setdefault("in", []).append(
+            site.dense(args[0]) + args[1]))
+        return store, h
+
+    masked = masked_copy(model, MaskSet(masks, fingerprint(model)))
+    (s_m, h_m), (s_d, h_d) = capture(masked), capture(dense)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+                masked(**inputs)
+                dense(**inputs)
+    finally:
+        h_m.remove()
+        h_d.remove()
+    err = 0.0
+    for a, b, batch in zip(s_m["in"], s_d["in"], batches):
+        tok = batch["attention_mask"].bool()
+        err += float(((a - b)[tok] ** 2).sum())
+    return err
+
+
+def test_tuned_weights_reconstruct_the_dense_attention_output_better(planted, ctx, tuned):
+    from compressor.pruning.post_training import sample_batches
+
+    batches = sample_batches(ctx, 96, SEED)
+    untuned = _attention_error(planted.model, tuned.masks, planted.model, batches)
+    after = _attention_error(tuned.model, tuned.masks, planted.model, batches)
+    assert after < untuned
+    first = next(t for t in tuned.extra["tuning"] if t["layer"] == 0 and t["key"].endswith("::heads"))
+    assert after == pytest.approx(first["error_after"], rel=1e-3)
+    assert untuned == pytest.approx(first["error_before"], rel=1e-3)
+
+
+def test_the_compacted_tuned_model_equals_the_masked_tuned_model(tuned):
+    model = tuned.model
+    masked = masked_copy(model, tuned)
+    small = compact(model, tuned)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 25, (4, 12), generator=gen)
+    attention = torch.ones_like(ids)
+    attention[1, 7:] = 0
+    attention[3, 3:] = 0
+    with torch.no_grad():
+        a = masked(input_ids=ids, attention_mask=attention).logits
+        b = small(input_ids=ids, attention_mask=attention).logits
+    assert float((a - b).abs().max()) <= 1e-5
+
+
+def test_same_seed_same_masks_and_weights_and_the_input_model_is_unchanged(planted, ctx):
+    before = {k: v.clone() for k, v in planted.model.state_dict().items()}
+    a = prune(planted.model, "post-training", ALL, seed=3, data=ctx, options=dict(target_flops=0.4, examples=48))
+    b = prune(planted.model, "post-training", ALL, seed=3, data=ctx, options=dict(target_flops=0.4, examples=48))
+    assert set(a.masks) == set(b.masks) and all(torch.equal(a.masks[k], b.masks[k]) for k in a.masks)
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    after = planted.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(n.startswith("mask_") for m in planted.model.modules() for n in m._buffers)
+    assert not any(n.startswith("mask_") for m in a.model.modules() for n in m._buffers)
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(target_flops=1.5), r"target_flops=1.5 must be in \(0, 1\)"),
+    (dict(target_flops=0.0), r"target_flops=0.0 must be in \(0, 1\)"),
+    (dict(target_flops=1.0), r"target_flops=1.0 must be in \(0, 1\)"),
+    (dict(), r"needs a FLOPs target"),
+    (dict(target_flops=0.5, examples=0), r"examples must be >= 1"),
+])
+def test_bad_options(planted, ctx, options, match):
+    with pytest.raises(PruningConfigError, match=match):
+        prune(planted.model, "post-training", ALL, data=ctx, options=options)
+
+
+def test_a_target_below_what_removing_everything_leaves_is_refused(planted, ctx):
+    with pytest.raises(PruningConfigError, match=r"target_flops=0.01 is below 0\.\d+, what removing every prunable"):
+        prune(planted.model, "post-training", ALL, data=ctx, options=dict(target_flops=0.01))
+
+
+def test_a_share_is_refused_the_kinds_are_named_with_zero(planted, ctx):
+    with pytest.raises(PruningConfigError, match=r"--sparsity KIND=0 \(got heads=0.5\)"):
+        prune(planted.model, "post-training", {"heads": 0.5}, data=ctx, options=dict(target_flops=0.5))
+
+
+def test_is_registered_as_a_data_method():
+    cls = METHODS["post-training"]
+    assert cls.needs_data and cls.kinds == ("heads", "neurons", "bottleneck", "adapters")
+    assert list(cls.Options.__dataclass_fields__) == ["target_flops", "examples", "tune"]
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+
+@pytest.fixture(scope="module")
+def cli_setup(tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from compressor.cli import app
+
+    tmp = tmp_path_factory.mktemp("cli")
+    runner = CliRunner()
+
+    def invoke(*args):
+        return runner.invoke(app, [str(a) for a in args])
+
+    model_dir = with_tokenizer(make_model_dir(tmp / "model", "bert", "seq_bn", n_adapters=3, fusion="dynamic"))
+    data = signal_data_args(write_signal_tsv(tmp / "signal.tsv", 64, 16))
+    headed = tmp / "headed"
+    r = invoke("train", model_dir, *data, "--train", "head", "--max-steps", 2, "--batch-size", 8, "--out", headed)
+    assert r.exit_code == 0, r.output
+    return invoke, headed, data, tmp
+
+
+@pytest.mark.parametrize("value, match", [("1.5", "must be in (0, 1)"), ("0", "must be in (0, 1)"),
+                                          ("-0.2", "must be in (0, 1)"), ("0.001", "is below")])
+def test_cli_bad_targets_are_one_line_errors(cli_setup, value, match):
+    invoke, headed, data, tmp = cli_setup
+    out = tmp / f"bad-{value}"
+    r = invoke("prune", headed, "--method", "post-training", "--sparsity", "heads=0", "--sparsity", "neurons=0",
+               *data, "--option", f"target_flops={value}", "--out", out)
+    assert r.exit_code == 2, r.output
+    assert match in r.stderr and "Traceback" not in r.output and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_prune_post_training_writes_masks_and_the_tuned_model(cli_setup):
+    import json
+
+    import compressor
+
+    invoke, headed, data, tmp = cli_setup
+    out = tmp / "pt"
+    r = invoke("prune", headed, "--method", "post-training", *[a for k in ALL for a in ("--sparsity", f"{k}=0")],
+               *data, "--option", "target_flops=0.5", "--option", "examples=32", "--batch-size", 8, "--out", out)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    meta = json.loads((out / "masks.json").read_text())
+    assert meta["method"] == "post-training" and meta["trained_model"] == "model"
+    assert meta["params"]["options"] == dict(target_flops=0.5, examples=32, tune=True)
+    assert meta["target_met"] and meta["flops"] <= 0.5 * meta["dense_flops"]
+    trained = compressor.load_model(out / "model")
+    MaskSet.load(out).check(trained)
+    original = compressor.load_model(headed)
+    assert copy.deepcopy(trained.state_dict()).keys() == original.state_dict().keys()
