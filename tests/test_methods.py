@@ -652,7 +652,7 @@ def test_head_importance_returns_the_model_with_its_trained_adapter(head_importa
 
 def test_unknown_method_lists_the_methods(model):
     with pytest.raises(PruningConfigError, match="unknown method 'lotery'; choose one of: adapt-by-pruning, "
-                                                 "head-importance, imp, importance, lottery-fusion, magnitude, omp, random, "
+                                                 "head-importance, imp, importance, lottery-fusion, magnitude, omp, post-training, random, "
                                                  "sparse-adapter, tamt"):
         prune(model, "lotery", {"heads": 0.5})
 
