@@ -814,8 +814,8 @@ def demo(
         metric = record["main_metric"]
         table = Table(title=f"{record['task']} dev ({record['dev_examples']} examples); ONNX size; onnxruntime CPU "
                             f"p50 latency at batch b x {config.seq_len} tokens ({record['machine']['threads']} "
-                            "threads) and speedup over the unpruned model (in brackets its interquartile range over "
-                            "the timing rounds)")
+                            "threads) and speedup over the unpruned model (median over the interleaved timing "
+                            "rounds; below it the interquartile range)")
         batches = config.batch_sizes
         for col in ["model", metric[:8], "params", "MB"] + [f"b{b} ms" for b in batches] + \
                 [f"b{b} gain" for b in batches]:
@@ -824,7 +824,7 @@ def demo(
             table.add_row(row["name"], f"{row['metrics'][metric]:.4f}", _fmt(row["parameters"]),
                           f"{row['onnx_bytes'] / 2**20:.1f}",
                           *[f"{row['p50_ms'][b]:.1f}" if b in row["p50_ms"] else "failed" for b in batches],
-                          *[speedup_cell(row, b) for b in batches])
+                          *[speedup_cell(row, b, sep="\n") for b in batches])
         console.print(table)
         if record.get("busy"):
             console.print("warning: the machine was busy while timing (" + escape("; ".join(record["busy"]))

@@ -221,28 +221,35 @@ def _row(name: str, directory: Path, onnx_file: str) -> DemoRow:
 
 
 def _latencies(rows: list, report: dict) -> None:
-    by_target, iqr = {}, {}
+    """p50 per batch, and the speedup over the first row: the median of the per-round speedups where the rounds
+    measured it (robust to load that drifts during timing; the ratio of overall p50s is not), else the p50 ratio."""
+    by_target, iqr, rounds = {}, {}, {}
     for cell in report["results"]:
         if cell.get("status") == "ok":
             by_target.setdefault(cell["target"], {})[cell["batch_size"]] = cell["p50_ms"]
             r = cell.get("speedup_rounds")
             if r and r["rounds"] >= 2:
                 iqr.setdefault(cell["target"], {})[cell["batch_size"]] = [r["q1"], r["q3"]]
+                rounds.setdefault(cell["target"], {})[cell["batch_size"]] = r["median"]
     names = [t["name"] for t in report["targets"]]
+    base = by_target.get(names[0], {})
     for row, name in zip(rows, names):
         row.p50_ms = by_target.get(name, {})
         row.speedup_iqr = iqr.get(name, {}) if row is not rows[0] else {}
-    base = rows[0].p50_ms
-    for row in rows:
-        row.speedup = {b: base[b] / ms for b, ms in row.p50_ms.items() if b in base and ms > 0}
+        measured = rounds.get(name, {}) if row is not rows[0] else {}
+        row.speedup = {b: measured.get(b, base[b] / ms) for b, ms in row.p50_ms.items() if b in base and ms > 0}
 
 
-def speedup_cell(row: dict, batch) -> str:
-    """"1.48x (1.45–1.52)": the p50 speedup and the interquartile range of the per-round speedup."""
+def speedup_cell(row: dict, batch, sep: str = " ") -> str:
+    """"1.48x (1.45–1.52)": the median per-round speedup and its interquartile range (`sep` "\n" puts the range
+    on a second line, for a narrow terminal)."""
     speedup, iqr = row["speedup"].get(batch), row.get("speedup_iqr", {}).get(batch)
     if speedup is None:
         return "-"
-    return f"{speedup:.2f}x" + (f" ({iqr[0]:.2f}–{iqr[1]:.2f})" if iqr else "")
+    if not iqr:
+        return f"{speedup:.2f}x"
+    spread = f"{iqr[0]:.2f}–{iqr[1]:.2f}"
+    return f"{speedup:.2f}x" + (f"{sep}{spread}" if sep == "\n" else f"{sep}({spread})")
 
 
 def busy_warning(reasons: list) -> str:
@@ -267,8 +274,8 @@ def markdown(record: dict) -> str:
         cells += [speedup_cell(r, b) for b in batches]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     counts = record["masks"]
-    lines += ["", "Speedup: p50 of the unpruned graph / p50 of the row; in brackets the interquartile range of the "
-              "same ratio over the rounds in which the three graphs were timed in turn.", ""]
+    lines += ["", "Speedup: the median over the timing rounds (in which the three graphs were timed in turn) of the "
+              "unpruned graph's median latency / the row's; in brackets its interquartile range over the rounds.", ""]
     if record.get("busy"):
         lines += [busy_warning(record["busy"]), ""]
     if record.get("data"):
