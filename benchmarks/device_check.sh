@@ -44,7 +44,7 @@
 # Outputs in DIR: torch-<device>-<dtype>/ and onnxruntime-<provider>/ (each a `compress bench` report:
 # report.json, report.md, latency.png), parity.json, summary.json and summary.md (every table in one page, the
 # versions, the time taken, busy-machine warnings). Environment: PYTHON (default python), WHEELS, MIN_TIME
-# (seconds per cell, default 1), KEEP_WORK=1 keeps DIR/work (models, masks, exports).
+# (seconds per cell, default 1), KEEP_WORK=1 keeps DIR/scratch (models, masks, exports).
 set -euo pipefail
 
 usage() { echo "usage: bash benchmarks/device_check.sh DIR [--device cuda|cpu]" >&2; exit 2; }
@@ -73,10 +73,10 @@ fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 # only what an earlier run of this script wrote
-rm -rf "$OUT"/torch-* "$OUT"/onnxruntime-* "$OUT/work" "$OUT/parity.json" "$OUT/summary.json" "$OUT/summary.md"
-mkdir -p "$OUT/work"
+rm -rf "$OUT"/torch-* "$OUT"/onnxruntime-* "$OUT/scratch" "$OUT/parity.json" "$OUT/summary.json" "$OUT/summary.md"
+mkdir -p "$OUT/scratch"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-export COMPRESSOR_CACHE="$OUT/work/cache"  # never touch the user's cache
+export COMPRESSOR_CACHE="$OUT/scratch/cache"  # never touch the user's cache
 
 # ---------------------------------------------------------------------------------------------- 1. environment
 log "checking the environment ($PY)"
@@ -105,7 +105,7 @@ fi
 # ---------------------------------------------------------------------------------------------- 2. models
 log "building the dense default and its compacted pruned model"
 cd "$OUT"
-"$PY" - "$OUT/work" <<'EOF'
+"$PY" - "$OUT/scratch" <<'EOF'
 import json, sys
 from pathlib import Path
 
@@ -255,6 +255,6 @@ Path("summary.md").write_text("\n".join(lines) + "\n")
 failed = [r for r in parity["checks"] if r["status"] == "failed"]
 sys.exit(1 if failed else 0)
 EOF
-[ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$OUT/work"
+[ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$OUT/scratch"
 log "done in $(( $(date +%s) - START )) s: $OUT/summary.md"
 exit $RC
