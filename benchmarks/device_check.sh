@@ -132,15 +132,15 @@ source = dm.default_model_dir()
 (work / "base.json").write_text(json.dumps({"base": base}))
 print(base, file=sys.stderr)
 EOF
-"$PY" -m compressor prune work/dense --method magnitude --sparsity adapters=0.75 --sparsity heads=0.25 \
-  --sparsity neurons=0.25 --out work/masks >/dev/null
-"$PY" -m compressor compact work/dense --masks work/masks --out work/compacted >/dev/null
+"$PY" -m compressor prune scratch/dense --method magnitude --sparsity adapters=0.75 --sparsity heads=0.25 \
+  --sparsity neurons=0.25 --out scratch/masks >/dev/null
+"$PY" -m compressor compact scratch/dense --masks scratch/masks --out scratch/compacted >/dev/null
 
 # ---------------------------------------------------------------------------------------------- 3. PyTorch timing
 if [ "$DEVICE" = cuda ]; then DTYPES="fp32 fp16"; else DTYPES="fp32"; fi
 for DT in $DTYPES; do
   log "timing PyTorch on $DEVICE $DT: batch 1, 8, 32 x 128 tokens"
-  "$PY" -m compressor bench work/dense work/compacted --provider torch --device "$DEVICE" --dtype "$DT" \
+  "$PY" -m compressor bench scratch/dense scratch/compacted --provider torch --device "$DEVICE" --dtype "$DT" \
     --batch-sizes 1,8,32 --seq-lens 128 --min-time "$MIN_TIME" --warmup 2 --out "torch-$DEVICE-$DT" >/dev/null
 done
 
@@ -164,13 +164,13 @@ mask[1, 90:] = 0  # right padding
 mask[2, :40] = 0  # left padding
 rows = []
 with torch.inference_mode():
-    ref = compressor.load_model("work/compacted").eval()(input_ids=ids, attention_mask=mask).logits
+    ref = compressor.load_model("scratch/compacted").eval()(input_ids=ids, attention_mask=mask).logits
     for name in checks:
         row = dict(dtype=name, device=device, atol=TOL[name])
         if device == "cuda" and not torch.cuda.is_available():
             rows.append(dict(row, status="skipped", reason="CUDA is not available to PyTorch here"))
             continue
-        model = compressor.load_model("work/compacted").eval().to(device=device, dtype=DTYPES[name])
+        model = compressor.load_model("scratch/compacted").eval().to(device=device, dtype=DTYPES[name])
         got = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().cpu()
         diff = float((got - ref).abs().max())
         same = bool((got.argmax(-1) == ref.argmax(-1)).all())
@@ -190,9 +190,9 @@ avail = ort.get_available_providers()
 print('cuda' if 'CUDAExecutionProvider' in avail else ('cpu' if '$DEVICE' == 'cpu' else ''))")
 if [ -n "$ORT_PROVIDER" ]; then
   log "exporting both to ONNX and timing onnxruntime's $ORT_PROVIDER provider"
-  "$PY" -m compressor export work/dense --onnx --out work/onnx-dense >/dev/null
-  "$PY" -m compressor export work/dense --masks work/masks --onnx --out work/onnx-compacted >/dev/null
-  "$PY" -m compressor bench work/onnx-dense work/onnx-compacted --provider "$ORT_PROVIDER" --batch-sizes 1,8,32 \
+  "$PY" -m compressor export scratch/dense --onnx --out scratch/onnx-dense >/dev/null
+  "$PY" -m compressor export scratch/dense --masks scratch/masks --onnx --out scratch/onnx-compacted >/dev/null
+  "$PY" -m compressor bench scratch/onnx-dense scratch/onnx-compacted --provider "$ORT_PROVIDER" --batch-sizes 1,8,32 \
     --seq-lens 128 --min-time "$MIN_TIME" --warmup 2 --out "onnxruntime-$ORT_PROVIDER" >/dev/null
 else
   log "onnxruntime's CUDA provider is not installed here (onnxruntime-gpu): no onnxruntime timing"
@@ -210,7 +210,7 @@ from exporters.bench_report import busy_reasons, speedup_text
 device, seconds, ort_provider = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 runs = sorted(p for p in Path(".").iterdir() if p.is_dir() and (p / "report.json").is_file())
 parity = json.loads(Path("parity.json").read_text())
-base = json.loads(Path("work/base.json").read_text())["base"]
+base = json.loads(Path("scratch/base.json").read_text())["base"]
 reports = {p.name: json.loads((p / "report.json").read_text()) for p in runs}
 machine = next(iter(reports.values()))["machine"] if reports else {}
 lines = [f"# Device check ({device})", "",
