@@ -205,7 +205,7 @@ RC=0
 import json, sys
 from pathlib import Path
 
-from exporters.bench_report import busy_reasons, speedup_text
+from exporters.bench_report import busy_reasons, speedup_text, unsteady_reasons
 
 device, seconds, ort_provider = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 runs = sorted(p for p in Path(".").iterdir() if p.is_dir() and (p / "report.json").is_file())
@@ -236,10 +236,12 @@ for name, rep in reports.items():
                          f"{c['seq_per_s']:.1f} | {speedup_text(c)} |")
         cells.append({k: c.get(k) for k in ("target", "batch_size", "seq_len", "status", "reason", "p50_ms",
                                              "p90_ms", "seq_per_s", "speedup_p50", "speedup_rounds")})
-    busy = busy_reasons(rep)
-    summary["runs"][name] = dict(provider=label, results=cells, busy=busy)
+    busy, unsteady = busy_reasons(rep), unsteady_reasons(rep)
+    summary["runs"][name] = dict(provider=label, results=cells, busy=busy, unsteady=unsteady)
     if busy:
         lines += ["", "**Busy machine while timing:** " + "; ".join(busy)]
+    if unsteady:
+        lines += ["", "**Unsteady speedups:** " + "; ".join(unsteady)]
     lines += ["", f"Full report: `{name}/report.md`.", ""]
 if not ort_provider:
     lines += ["onnxruntime: its CUDA provider is not installed here (onnxruntime-gpu), so no onnxruntime timing.", ""]

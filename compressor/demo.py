@@ -123,7 +123,7 @@ def run_demo(out, config: Optional[DemoConfig] = None, overwrite: bool = False,
 
     from exporters.accuracy import onnx_dev_metrics
     from exporters.bench import BenchConfig, report_path, run_bench
-    from exporters.bench_report import busy_reasons
+    from exporters.bench_report import busy_reasons, unsteady_reasons
     from exporters.onnx_export import ExportConfig, export_onnx
 
     from .api import load_tokenizer, save_prune_result
@@ -205,7 +205,7 @@ def run_demo(out, config: Optional[DemoConfig] = None, overwrite: bool = False,
                                          max_abs_diff=r.parity["worst"])  # per graph; int8 is recorded, not held
                               for name, r in (("unpruned", dense), ("pruned", pruned))},
                       rows=[asdict(r) for r in rows], machine=report["machine"], timing=report["timing"],
-                      busy=busy_reasons(report),
+                      busy=busy_reasons(report), unsteady=unsteady_reasons(report),
                       seconds=round(time.perf_counter() - start, 1))
         (tmp / DEMO_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         (tmp / "demo.md").write_text(markdown(record))
@@ -278,6 +278,10 @@ def markdown(record: dict) -> str:
               "unpruned graph's median latency / the row's; in brackets its interquartile range over the rounds.", ""]
     if record.get("busy"):
         lines += [busy_warning(record["busy"]), ""]
+    if record.get("unsteady"):
+        from exporters.bench_report import UNSTEADY_RULE
+
+        lines += ["Unsteady: " + "; ".join(record["unsteady"]) + f" ({UNSTEADY_RULE}).", ""]
     if record.get("data"):
         lines += [f"Data: {record['data']['description']}."]
     lines += ["Kept: " + ", ".join(f"{k} {v['kept']}/{v['total']}" for k, v in counts.items()),

@@ -10,10 +10,13 @@ STATS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms")
 # The busy-machine rule (report.md, `compress bench` and `compress demo` warn when it holds):
 OTHER_CORES_SHARE = 0.10  # other processes kept more than max(0.25, 10% of the cores) busy on average while timing
 OTHER_CORES_MIN = 0.25
-SPREAD_LIMIT = 0.10  # or a speedup's per-round interquartile range is wider than 10% of its median
 BUSY_RULE = ("busy = while timing, other processes kept more than max(0.25, 10% of the cores) busy on average "
              "(Linux /proc/stat minus this process's CPU time; elsewhere: 1-minute load average before timing "
-             ">= half the cores), or a speedup's per-round interquartile range is wider than 10% of its median")
+             ">= half the cores)")
+# Apart from load: a speedup whose per-round interquartile range is wider than 10% of its median is unsteady (a
+# quiet machine shows it too, e.g. int8 kernels at batch 1), so it gets its own note, not the busy warning.
+SPREAD_LIMIT = 0.10
+UNSTEADY_RULE = "unsteady = a speedup's per-round interquartile range is wider than 10% of its median"
 
 
 def write_report(report: dict, directory: Path) -> None:
@@ -61,6 +64,11 @@ def busy_reasons(report: dict) -> list:
         load = timing.get("load_average_before", (report["machine"].get("load_average") or [None])[0])
         if load is not None and load >= max(1.0, cores / 2):
             reasons.append(f"1-minute load average {load:.2f} on {cores} cores before timing")
+    return reasons
+
+
+def unsteady_reasons(report: dict) -> list:
+    """The speedups whose per-round spread is wide (UNSTEADY_RULE), as one line; [] when all are steady."""
     wide = []
     for c in report["results"]:
         r = c.get("speedup_rounds")
@@ -68,10 +76,10 @@ def busy_reasons(report: dict) -> list:
                 and (r["q3"] - r["q1"]) > SPREAD_LIMIT * r["median"]:
             wide.append(f"{c['target']} {c['provider']} b{c['batch_size']}x{c['seq_len']}: "
                         f"{r['median']:.2f}x, IQR {r['q1']:.2f}–{r['q3']:.2f}")
-    if wide:
-        reasons.append("speedups varied over the rounds by more than 10% (" + "; ".join(wide[:3])
-                       + (f"; {len(wide) - 3} more" if len(wide) > 3 else "") + ")")
-    return reasons
+    if not wide:
+        return []
+    return ["speedups varied over the rounds by more than 10% (" + "; ".join(wide[:3])
+            + (f"; {len(wide) - 3} more" if len(wide) > 3 else "") + ")"]
 
 
 def not_run(report: dict) -> list:
@@ -100,6 +108,10 @@ def markdown(report: dict) -> str:
     if busy:
         lines += ["**The machine was busy while timing**: " + "; ".join(busy) + ". Latencies and speedups may "
                   "be skewed; compare with a run on a quiet machine (" + BUSY_RULE + ").", ""]
+    unsteady = unsteady_reasons(report)
+    if unsteady:
+        lines += ["**Unsteady speedups**: " + "; ".join(unsteady) + ". Read their last digit with care ("
+                  + UNSTEADY_RULE + ").", ""]
 
     seq_lens = cfg["seq_lens"]
     lines += ["## Targets", "",
@@ -156,7 +168,7 @@ def markdown(report: dict) -> str:
                   f"{timing['timed_s']} s of timing; 1-minute load average {timing['load_average_before']} before, "
                   f"{timing['load_average_after']} after (this run's own threads count in it); other processes: "
                   + (f"{other:.2f} cores busy on average" if other is not None else "not measurable here")
-                  + f" of {timing['cpu_count']}. Rule: {BUSY_RULE}.", ""]
+                  + f" of {timing['cpu_count']}. Rules: {BUSY_RULE}; {UNSTEADY_RULE}.", ""]
     lines += ["## Machine", ""]
     lines += [f"- {k}: {', '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in m.items()]
     return "\n".join(lines) + "\n"

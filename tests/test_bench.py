@@ -22,7 +22,7 @@ from compressor.io import OUTPUT_MARKER
 import exporters.bench as bench_module
 from exporters.bench import (NO_TORCH_FOR_ONNX, NOT_ONNX, BenchConfig, measure, measure_interleaved, parse_ints,
                              placement_from_profile, report_path, round_ratios, run_bench, spread)
-from exporters.bench_report import busy_reasons
+from exporters.bench_report import busy_reasons, unsteady_reasons
 from factories import make_model_dir
 
 runner = CliRunner()
@@ -251,7 +251,10 @@ def test_busy_rule():
     assert "other processes kept 0.90 of 2 cores" in busy_reasons(report(other=0.9))[0]
     assert busy_reasons(report(other=None, load=0.5)) == []  # no /proc/stat: the load average decides
     assert "load average 1.70" in busy_reasons(report(other=None, load=1.7))[0]
-    wide = busy_reasons(report(other=0.0, iqr=(1.2, 1.6)))
+    assert unsteady_reasons(report(other=0.0)) == []
+    # a wide per-round spread on a quiet machine is an unsteady speedup, not a busy machine
+    assert busy_reasons(report(other=0.0, iqr=(1.2, 1.6))) == []
+    wide = unsteady_reasons(report(other=0.0, iqr=(1.2, 1.6)))
     assert len(wide) == 1 and "pruned cpu b8x128: 1.50x, IQR 1.20–1.60" in wide[0]
 
 
