@@ -27,6 +27,7 @@ from .errors import UnsupportedAdapterError
 from .masks import MaskSet, masked_copy
 from .modeling.architecture import layers_of
 from .modeling.config import NAMED_FUSION_CONFIGS, FusionConfig
+from .modeling.descriptions import describe
 from .units import active_adapter_names
 
 
@@ -150,7 +151,7 @@ def write_adapterhub(model: nn.Module, maskset: Optional[MaskSet], out: Path, re
     raw["adapters"] = hub_section
     if manifest["model_class"] == "flex" and manifest.get("heads"):
         raw["prediction_heads"] = manifest["heads"]
-        raw["architectures"] = [f"{type(model.base_model).__name__.replace('Model', '')}AdapterModel"]
+        raw["architectures"] = [describe(config).adapterhub_class]
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     from safetensors.torch import save_file

@@ -404,6 +404,7 @@ def export(req: ExportRequest, progress: Progress = None) -> ExportResult:
     _say(progress)("exporting")
     with contextlib.ExitStack() as stack:
         tokenizer_dir = tokenizer_dir_for_outputs(stack, tokenizer if req.tokenizer is not None else None, source)
+        stack.enter_context(_int8_setup(req, config, eval_data, progress))
         result = export_onnx(model, req.out, maskset, config, overwrite=req.overwrite, tokenizer_dir=tokenizer_dir,
                              progress=progress, eval_data=eval_data)
     attention = []
@@ -412,6 +413,30 @@ def export(req: ExportRequest, progress: Progress = None) -> ExportResult:
         attention = attention_rows(result)
     return ExportResult(out=Path(req.out), export=result, optimize=req.optimize, atol=req.atol, attention=attention,
                         notes=notes)
+
+
+def _int8_setup(req: ExportRequest, config, eval_data, progress: Progress):
+    """What the int8 variants calibrate and measure on (exporters/quantization.py): with --data, the task's
+    training rows in one seeded shuffle (seed 0), never its dev rows."""
+    import random
+
+    from exporters import quantization as q
+
+    from .errors import ExportError
+
+    wants = {"int8", "int8-static"} & set(config.variants)
+    if req.int8_keep_fp32 is not None and not (wants and (req.data is not None or "int8-static" in wants)):
+        raise ExportError("--int8-keep-fp32 applies to a measured int8 graph: add --data with --quantize int8, or "
+                          "--variant int8-static")
+    if not wants or eval_data is None:
+        return q.int8_setup(q.Int8Setup(keep=req.int8_keep_fp32, calibration_examples=req.calibration_examples,
+                                        progress=_say(progress)))
+    rows = list(eval_data.data.train)
+    random.Random(0).shuffle(rows)
+    setup = q.setup_from_examples(rows, eval_data.tokenizer, eval_data.config.max_length,
+                                  f"{eval_data.spec.ref} training rows", req.calibration_examples,
+                                  search=True, keep=req.int8_keep_fp32, progress=_say(progress))
+    return q.int8_setup(setup)
 
 
 # ----------------------------------------------------------------------------------------------- train and eval
@@ -551,11 +576,9 @@ class _EvalSide:
         config = self.graph.parent / "config.json"
         if not config.is_file():
             return None
-        c = json.loads(config.read_text())
-        n = c.get("max_position_embeddings") or 0
-        if c.get("model_type") in ("roberta", "xlm-roberta", "camembert"):
-            n -= (c.get("pad_token_id") or 0) + 1
-        return n or None
+        from .modeling.descriptions import max_positions as of_config
+
+        return of_config(json.loads(config.read_text())) or None
 
     def logits(self, dataset, collate_fn, batch_size: int) -> tuple:
         if self.graph is not None:
@@ -816,10 +839,10 @@ def bench(req: BenchRequest, progress: Progress = None) -> BenchResult:
     report = run_bench(list(req.targets), config, req.out, overwrite=req.overwrite,
                        progress=lambda label, done, total: say(f"{label} ({done}/{total})"))
     failed = sum(c["status"] == "failed" for c in report["results"])
-    from exporters.bench_report import busy_reasons
+    from exporters.bench_report import busy_reasons, unsteady_reasons
 
     return BenchResult(out=Path(req.out), report=report, threads=config.threads, failed=failed,
-                       busy=busy_reasons(report))
+                       busy=busy_reasons(report), unsteady=unsteady_reasons(report))
 
 
 def demo(req: DemoRequest, progress: Progress = None) -> DemoResult:

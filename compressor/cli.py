@@ -757,6 +757,8 @@ def bench(
         if r.busy:
             console.print("warning: the machine was busy while timing: " + escape("; ".join(r.busy)),
                           style="yellow", highlight=False)
+        if r.unsteady:
+            console.print("note: " + escape("; ".join(r.unsteady)), highlight=False)
         for target, prov, status, reason, shapes in not_run(report):
             console.print(f"{status}: {escape(target)} on {prov} ({shapes}): {escape(reason)}", highlight=False,
                           style="red" if status == "failed" else "yellow")
@@ -830,6 +832,8 @@ def demo(
             console.print("warning: the machine was busy while timing (" + escape("; ".join(record["busy"]))
                           + "): the latencies and gains may be skewed; rerun on a quiet machine", style="yellow",
                           highlight=False)
+        if record.get("unsteady"):
+            console.print("note: " + escape("; ".join(record["unsteady"])), highlight=False)
         console.print("kept: " + ", ".join(f"{k} {v['kept']}/{v['total']}" for k, v in record["masks"].items())
                       + f"; {record['seconds']:.0f} s in all", highlight=False)
         console.print(f"wrote {out}/demo.md, {out}/demo.json, {out}/masks, {out}/onnx-unpruned, {out}/onnx-pruned "

@@ -136,6 +136,8 @@ class ExportRequest(ModelOptions, DataOptions):
     quantize: Optional[str] = None  # "int8": the same as "int8" in variants
     sparse: bool = False  # the same as "sparse" in variants
     variants: Sequence[str] = ()  # names registered in exporters/variants.py: int8, fp16, sparse (--variant)
+    calibration_examples: int = 128  # int8: training rows the static ranges are calibrated on
+    int8_keep_fp32: Optional[int] = None  # int8: most costly units kept fp32; None: as few as meet the bound
     atol: float = 1e-4
     allow_mismatch: bool = False
     seed: Optional[int] = None
@@ -244,6 +246,7 @@ class BenchResult:
     threads: int
     failed: int  # cells that failed
     busy: List[str] = field(default_factory=list)  # why the machine counted as busy while timing (bench_report)
+    unsteady: List[str] = field(default_factory=list)  # speedups whose per-round spread was wide (bench_report)
 
 
 # ----------------------------------------------------------------------------------------------- demo

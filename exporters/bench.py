@@ -24,6 +24,7 @@ import numpy as np
 
 from compressor.errors import CompressorError, ExportError, ModelLoadError
 from compressor.io import atomic_output_dir, check_output_dir
+from compressor.modeling.descriptions import describe
 
 from .runtime import PROVIDERS, check_onnx_file, check_provider, make_session, provider_name
 
@@ -165,13 +166,12 @@ def onnx_size_and_params(path: Path):
 
 
 def _max_seq_len(directory: Path) -> Optional[int]:
+    from compressor.modeling.descriptions import max_positions
+
     try:
-        cfg = json.loads((directory / "config.json").read_text())
-        limit = int(cfg["max_position_embeddings"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return max_positions(json.loads((directory / "config.json").read_text())) or None
+    except (OSError, ValueError, TypeError):
         return None
-    # RoBERTa's positions start after the padding index
-    return limit - (int(cfg.get("pad_token_id") or 0) + 1) if cfg.get("model_type") == "roberta" else limit
 
 
 def describe_targets(targets: List[Target], config: BenchConfig, base=None) -> None:
@@ -587,7 +587,7 @@ class _Provider:
 
                 t.model.to(device=self.config.device, dtype=getattr(torch, _TORCH_DTYPES[self.config.dtype]))
                 names = [("input_ids", np.int64), ("attention_mask", np.int64)]
-                if t.model.base_model.config.model_type == "bert":
+                if describe(t.model.base_model.config).token_types:
                     names.append(("token_type_ids", np.int64))
             else:
                 self.sessions[t.name] = make_session(t.onnx, self.provider, self.config.threads)

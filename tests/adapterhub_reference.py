@@ -60,12 +60,18 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    ElectraConfig,
+    ElectraForSequenceClassification,
+    ElectraModel,
     RobertaConfig,
     RobertaForSequenceClassification,
     RobertaModel,
+    XLMRobertaConfig,
+    XLMRobertaForSequenceClassification,
+    XLMRobertaModel,
 )
 
-from adapters import BertAdapterModel, RobertaAdapterModel
+from adapters import BertAdapterModel, ElectraAdapterModel, RobertaAdapterModel, XLMRobertaAdapterModel
 
 HIDDEN = 32
 NUM_LAYERS = 2
@@ -79,7 +85,13 @@ FLEX_NUM_LABELS = 3
 FORMATS = ("full", "full_bin", "split_bin", "split_safetensors")
 PADDINGS = ("right", "left")
 
-ARCHS = ("bert", "roberta")
+ARCHS = ("bert", "roberta", "xlm-roberta", "electra")
+_CLASSES = {  # arch -> (encoder, sequence classification, AdapterHub flex-head model)
+    "bert": (BertModel, BertForSequenceClassification, BertAdapterModel),
+    "roberta": (RobertaModel, RobertaForSequenceClassification, RobertaAdapterModel),
+    "xlm-roberta": (XLMRobertaModel, XLMRobertaForSequenceClassification, XLMRobertaAdapterModel),
+    "electra": (ElectraModel, ElectraForSequenceClassification, ElectraAdapterModel),
+}
 HEADS = ("none", "seqcls", "regression", "flex")
 
 AdapterConfigSpec = Union[str, Dict[str, Any]]  # a registered name, or {"base": name, **overrides}
@@ -295,6 +307,15 @@ CASES: List[Case] = [
         arch="roberta",
         head="flex",
     ),
+    # --- XLM-R and ELECTRA (issue 16): same layer layout as BERT; ELECTRA with its embedding projection ------
+    _single("xlmr_seq_bn", "seq_bn", arch="xlm-roberta"),
+    _fuse("xlmr_seqcls_fuse2", [("a", _c("seq_bn", leave_out=[0])), ("b", _c("seq_bn", reduction_factor=4))], arch="xlm-roberta",
+          head="seqcls"),
+    Case(id="xlmr_flex_seq_bn", arch="xlm-roberta", head="flex", adapters=((FLEX_HEAD, "seq_bn"),), active=FLEX_HEAD),
+    _single("electra_double_seq_bn_gating", _c("double_seq_bn", use_gating=True), arch="electra"),
+    _fuse("electra_regression_fuse2", [("a", "seq_bn"), ("b", _c("seq_bn", reduction_factor=4))], arch="electra",
+          head="regression"),
+    _fuse("electra_flex_fuse2", [("a", "double_seq_bn"), ("b", "double_seq_bn")], arch="electra", head="flex"),
 ]
 
 # Options the toolkit does not support: loading must raise UnsupportedAdapterError naming them.
@@ -331,8 +352,11 @@ def tiny_config(arch: str, num_labels: Optional[int] = None):
         common["num_labels"] = num_labels
     if arch == "bert":
         return BertConfig(**common)
-    if arch == "roberta":
-        return RobertaConfig(pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1, **common)
+    if arch in ("roberta", "xlm-roberta"):
+        cls = RobertaConfig if arch == "roberta" else XLMRobertaConfig
+        return cls(pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1, **common)
+    if arch == "electra":  # embeddings narrower than the hidden size: ELECTRA's embedding projection runs
+        return ElectraConfig(embedding_size=16, **common)
     raise ValueError(arch)
 
 
@@ -341,9 +365,7 @@ def _num_labels(head: str) -> Optional[int]:
 
 
 def _plain_class(arch: str, head: str):
-    if head in ("seqcls", "regression"):
-        return {"bert": BertForSequenceClassification, "roberta": RobertaForSequenceClassification}[arch]
-    return {"bert": BertModel, "roberta": RobertaModel}[arch]
+    return _CLASSES[arch][1 if head in ("seqcls", "regression") else 0]
 
 
 def adapter_config(spec: AdapterConfigSpec):
@@ -386,7 +408,7 @@ def build_reference(case: Case) -> nn.Module:
     """The AdapterHub model of a case, randomised, active setup set, in eval mode."""
     torch.manual_seed(case.seed)
     if case.head == "flex":
-        cls = {"bert": BertAdapterModel, "roberta": RobertaAdapterModel}[case.arch]
+        cls = _CLASSES[case.arch][2]
         model = cls(tiny_config(case.arch))
         model.add_classification_head(FLEX_HEAD, num_labels=FLEX_NUM_LABELS)
     else:
@@ -408,7 +430,7 @@ def build_reference(case: Case) -> nn.Module:
 
 
 def pad_token_id(arch: str) -> int:
-    return 1 if arch == "roberta" else 0
+    return 1 if arch in ("roberta", "xlm-roberta") else 0
 
 
 def make_inputs(arch: str, padding: str, seed: int = 0) -> Dict[str, torch.Tensor]:
@@ -423,7 +445,7 @@ def make_inputs(arch: str, padding: str, seed: int = 0) -> Dict[str, torch.Tenso
         attention_mask[row, sl] = 1
         token_type_ids[row, sl] = torch.randint(0, 2, (n,), generator=gen)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if arch == "bert":
+    if arch in ("bert", "electra"):
         inputs["token_type_ids"] = token_type_ids
     return inputs
 

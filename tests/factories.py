@@ -9,7 +9,8 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModel, AutoModelForSequenceClassification, BertConfig, RobertaConfig
+from transformers import (AutoModel, AutoModelForSequenceClassification, BertConfig, ElectraConfig, RobertaConfig,
+                          XLMRobertaConfig)
 
 from compressor.modeling.config import NAMED_ADAPTER_CONFIGS, NAMED_FUSION_CONFIGS
 
@@ -18,8 +19,12 @@ def tiny_config(model_type: str = "bert", **overrides):
     common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                   vocab_size=100, max_position_embeddings=64, hidden_act="gelu")
     common.update(overrides)
-    if model_type == "roberta":
-        return RobertaConfig(pad_token_id=1, bos_token_id=0, eos_token_id=2, **common)
+    if model_type in ("roberta", "xlm-roberta"):
+        cls = RobertaConfig if model_type == "roberta" else XLMRobertaConfig
+        return cls(pad_token_id=1, bos_token_id=0, eos_token_id=2, **common)
+    if model_type == "electra":  # embeddings narrower than the hidden size: the embedding projection runs
+        return ElectraConfig(embedding_size=16, **common)
+    assert model_type == "bert", model_type
     return BertConfig(**common)
 
 
@@ -40,7 +45,7 @@ def make_model_dir(directory, model_type="bert", adapter_config="seq_bn", n_adap
         config.architectures = [f"{type(base).__name__.replace('Model', '')}AdapterModel" if head == "flex"
                                 else type(base).__name__]
     state = {k: v for k, v in base.state_dict().items() if not k.endswith(("position_ids", "token_type_ids"))}
-    prefix = "" if head is None else f"{config.model_type}."
+    prefix = "" if head is None else f"{base.base_model_prefix}."
     if head == "flex":
         state = {prefix + k: v for k, v in state.items()}
     names = [f"a{i}" for i in range(n_adapters)]
@@ -114,6 +119,6 @@ def random_inputs(model_type: str, batch: int, seq: int, padding: str = "right",
         mask = torch.rand(batch, seq, generator=gen) < 0.7
         mask[:, 0] = True
     out = dict(input_ids=ids, attention_mask=mask.long())
-    if model_type == "bert":
+    if model_type in ("bert", "electra"):
         out["token_type_ids"] = (pos >= seq // 2).long().expand(batch, seq).contiguous()
     return out

@@ -41,7 +41,10 @@ def _out(o):
     dict(head="flex"),
     dict(adapter_config="double_seq_bn"),
     dict(model_type="roberta", head="classifier"),
-], ids=["bert-pfeiffer-flex", "bert-houlsby", "roberta-pfeiffer-classifier"])
+    dict(model_type="xlm-roberta", head="flex"),
+    dict(model_type="electra", adapter_config="double_seq_bn", head="classifier"),
+], ids=["bert-pfeiffer-flex", "bert-houlsby", "roberta-pfeiffer-classifier", "xlmr-pfeiffer-flex",
+        "electra-houlsby-classifier"])
 def test_written_back_model_loads_in_adapters(tmp_path, kwargs):
     src = make_model_dir(tmp_path / "src", n_adapters=3, **kwargs)
     model = compressor.load_model(src)

@@ -34,6 +34,11 @@ VARIANTS = {
                                                  head="flex", compacted=True),
     "compacted-bert-residual-before": dict(model_type="bert", adapter_config="seq_bn", fusion="dynamic",
                                            fusion_overrides=dict(residual_before=True), compacted=True),
+    # issue 16's rows: XLM-R (RoBERTa's layout, its own classes) and ELECTRA (embedding projection, no pooler)
+    "xlmr-pfeiffer-dynamic-flex": dict(model_type="xlm-roberta", adapter_config="seq_bn", fusion="dynamic",
+                                       head="flex"),
+    "electra-houlsby-dynamic-classifier": dict(model_type="electra", adapter_config="double_seq_bn",
+                                               fusion="dynamic", head="classifier"),
     "bert-single-adapter-gated-channel": dict(
         model_type="bert", adapter_config="seq_bn", fusion=None, n_adapters=1,
         adapter_overrides=dict(use_gating=True, ln_after=True, ln_before=True, scaling="channel")),

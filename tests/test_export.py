@@ -50,7 +50,8 @@ def every_kind_masks(model, seed: int = 0) -> MaskSet:
 
 
 CASES = [("bert", "seq_bn", "classifier"), ("bert", "double_seq_bn", "flex"), ("roberta", "seq_bn", None),
-         ("roberta", "double_seq_bn", "classifier")]
+         ("roberta", "double_seq_bn", "classifier"), ("xlm-roberta", "seq_bn", "flex"),
+         ("electra", "double_seq_bn", "classifier")]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=["-".join(map(str, c)) for c in CASES])

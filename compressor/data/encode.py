@@ -70,11 +70,9 @@ def check_labels(spec: TaskSpec, num_labels: int) -> None:
 
 def max_positions(model) -> int:
     """How many tokens the model's position embeddings hold (RoBERTa-style models reserve padding_idx + 1)."""
-    config = model.base_model.config
-    n = getattr(config, "max_position_embeddings", None) or 0
-    if config.model_type in ("roberta", "xlm-roberta", "camembert"):
-        n -= (config.pad_token_id or 0) + 1
-    return n
+    from ..modeling.descriptions import max_positions as of_config
+
+    return of_config(model.base_model.config)
 
 
 def check_max_length(model, max_length: int) -> None:

@@ -18,9 +18,9 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..errors import UnsupportedAdapterError
 from .config import BottleneckConfig, FusionConfig
+from .descriptions import describe, set_submodule, submodule
 from .modules import AdapterSite, Bottleneck, Fusion, Intermediate, PredictionHead, SelfAttention
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta")
 SITES = ("mh_adapter", "output_adapter")
 MANIFEST_VERSION = 1
 
@@ -56,7 +56,13 @@ def encoder_of(model: nn.Module) -> nn.Module:
 
 
 def layers_of(model: nn.Module):
-    return encoder_of(model).encoder.layer
+    encoder = encoder_of(model)
+    return submodule(encoder, describe(encoder.config).layers)
+
+
+def sites_of(layer: nn.Module, description) -> tuple:
+    """(mh_adapter site, output_adapter site) of a layer whose modules are ours."""
+    return submodule(layer, description.attention_output), submodule(layer, description.ffn_output)
 
 
 def base_config_of(model: nn.Module) -> PretrainedConfig:
@@ -64,10 +70,7 @@ def base_config_of(model: nn.Module) -> PretrainedConfig:
 
 
 def check_base_config(config: PretrainedConfig) -> None:
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedAdapterError(
-            f"model type '{config.model_type}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
+    describe(config)  # an unsupported model type is a one-line error
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
         raise UnsupportedAdapterError(
             f"position_embedding_type={config.position_embedding_type!r} is not supported (only 'absolute')"
@@ -184,23 +187,23 @@ def install_modules(model: nn.Module, manifest: dict) -> nn.Module:
     Weights of base modules are copied when shapes agree (loading a full model); otherwise the caller loads a
     state dict afterwards (rebuilding a compacted model)."""
     config = base_config_of(model)
+    d = describe(config)
     hidden, head_dim = config.hidden_size, manifest["head_dim"]
     for layer, spec in zip(layers_of(model), manifest["layers"]):
-        old_att = layer.attention.self
         att = SelfAttention(hidden, spec["heads"], head_dim, config.attention_probs_dropout_prob)
-        _copy_if_same_shape(att, old_att)
-        layer.attention.self = att
-        old_ffn = layer.intermediate
+        _copy_if_same_shape(att, submodule(layer, d.attention))
+        set_submodule(layer, d.attention, att)
         ffn = Intermediate(hidden, spec["intermediate"], config.hidden_act)
-        _copy_if_same_shape(ffn, old_ffn)
-        layer.intermediate = ffn
-        layer.attention.output = _new_site(layer.attention.output, "mh_adapter")
-        layer.output = _new_site(layer.output, "output_adapter")
-        if spec["heads"] * head_dim != layer.attention.output.dense.in_features:
-            layer.attention.output.dense = nn.Linear(spec["heads"] * head_dim, hidden)
-        if spec["intermediate"] != layer.output.dense.in_features:
-            layer.output.dense = nn.Linear(spec["intermediate"], hidden)
-        for s, site_module in (("mh_adapter", layer.attention.output), ("output_adapter", layer.output)):
+        _copy_if_same_shape(ffn, submodule(layer, d.ffn))
+        set_submodule(layer, d.ffn, ffn)
+        set_submodule(layer, d.attention_output, _new_site(submodule(layer, d.attention_output), "mh_adapter"))
+        set_submodule(layer, d.ffn_output, _new_site(submodule(layer, d.ffn_output), "output_adapter"))
+        mh, out = sites_of(layer, d)
+        if spec["heads"] * head_dim != mh.dense.in_features:
+            mh.dense = nn.Linear(spec["heads"] * head_dim, hidden)
+        if spec["intermediate"] != out.dense.in_features:
+            out.dense = nn.Linear(spec["intermediate"], hidden)
+        for s, site_module in zip(SITES, (mh, out)):
             site = spec["sites"][s]
             for name, a in site["adapters"].items():
                 site_module.adapters[name] = Bottleneck(
@@ -217,8 +220,9 @@ def install_modules(model: nn.Module, manifest: dict) -> nn.Module:
 
 
 def apply_setup(model: nn.Module, manifest: dict) -> None:
+    d = describe(base_config_of(model))
     for layer, spec in zip(layers_of(model), manifest["layers"]):
-        for s, site_module in (("mh_adapter", layer.attention.output), ("output_adapter", layer.output)):
+        for s, site_module in zip(SITES, sites_of(layer, d)):
             site_module.active = copy.deepcopy(spec["sites"][s]["active"])
             site_module.placement = dict(spec["sites"][s]["placement"])
     model.compress_manifest = manifest
@@ -238,7 +242,8 @@ def empty_model(config: PretrainedConfig, manifest: dict) -> nn.Module:
     if kind == "sequence_classification":
         model = AutoModelForSequenceClassification.from_config(config, attn_implementation="eager")
     else:
-        encoder = AutoModel.from_config(config, attn_implementation="eager", add_pooling_layer=manifest.get("pooler", True))
+        pooler = dict(add_pooling_layer=manifest.get("pooler", True)) if describe(config).pooler else {}
+        encoder = AutoModel.from_config(config, attn_implementation="eager", **pooler)
         model = encoder
         if kind == "flex":
             heads = {name: PredictionHead(config.hidden_size, **head_kwargs(h, config)) for name, h in manifest["heads"].items()}

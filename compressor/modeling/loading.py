@@ -24,6 +24,7 @@ from .architecture import (
     manifest_from_adapterhub, resolve_setup,
 )
 from .config import BottleneckConfig, FusionConfig
+from .descriptions import describe
 from .manifest import validate_manifest
 
 MANIFEST_FILE = "compress_manifest.json"
@@ -228,7 +229,7 @@ def _read_fusion_dir(directory: Path, adapter_cfgs: dict):
 
 def _load_base(path: Path, config, model_class: str, full_state: dict) -> nn.Module:
     cls = AutoModelForSequenceClassification if model_class == "sequence_classification" else AutoModel
-    kwargs = {} if cls is AutoModelForSequenceClassification else dict(
+    kwargs = {} if cls is AutoModelForSequenceClassification or not describe(config).pooler else dict(
         add_pooling_layer=any(".pooler." in k or k.startswith("pooler.") for k in full_state))
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # adapter and head keys are "unexpected" to transformers: we load them
