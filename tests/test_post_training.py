@@ -63,6 +63,21 @@ def test_fisher_search_keeps_the_planted_heads_when_the_budget_drops_the_others(
     assert set(ms.masks) == {u.key for u in heads}
 
 
+def test_every_kind_gets_a_fisher_signal(planted, ctx):
+    """Each unit member's gate reaches the loss: no kind scores all zeros (the bottleneck gates once hooked a
+    module the forward pass never calls, and every adapter neuron scored 0)."""
+    from compressor.pruning.post_training import fisher, sample_batches
+
+    work = copy.deepcopy(planted.model).eval()
+    for p in work.parameters():
+        p.requires_grad_(False)
+    units = [u for u in iter_units(work) if u.kind in ALL]
+    scores = fisher(work, units, ctx, sample_batches(ctx, 32, SEED))
+    for kind in ALL:
+        assert sum(float(scores[u.key].sum()) for u in units if u.kind == kind) > 0, kind
+    assert all(float(scores[u.key].sum()) > 0 for u in units if u.kind == "bottleneck")
+
+
 def test_all_kinds_compete_and_the_target_is_met(planted, tuned):
     ms = tuned
     ms.check(planted.model)

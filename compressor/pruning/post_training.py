@@ -131,7 +131,8 @@ class _PerExampleGates:
                 self.handles.append(module.register_forward_hook(
                     lambda mod, args, out, key=key: out * self.gates[key].to(out.dtype)[:, None, :]))
             elif u.kind == "bottleneck":
-                self.handles.append(module.adapter_down.register_forward_hook(
+                # on the non-linearity: Bottleneck.bottleneck calls adapter_down's parts, never the Sequential
+                self.handles.append(module.adapter_down[-1].register_forward_hook(
                     lambda mod, args, out, key=key: out * self.gates[key].to(out.dtype)[:, None, :]))
             elif u.kind == "adapters":
                 if getattr(module, "bottleneck_space", False):
