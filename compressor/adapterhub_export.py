@@ -25,7 +25,7 @@ from torch import nn
 
 from .errors import UnsupportedAdapterError
 from .masks import MaskSet, masked_copy
-from .modeling.architecture import layers_of
+from .modeling.architecture import layer_parts
 from .modeling.config import NAMED_FUSION_CONFIGS, FusionConfig
 from .modeling.descriptions import describe
 from .units import active_adapter_names
@@ -54,26 +54,28 @@ def write_adapterhub(model: nn.Module, maskset: Optional[MaskSet], out: Path, re
     state = {k: v.detach().clone() for k, v in masked.state_dict().items()}
     config = copy.deepcopy(model.base_model.config)
     hidden = config.hidden_size
-    layers = list(layers_of(masked))
-    prefix = next(k.split("encoder.layer.")[0] for k in state if "encoder.layer." in k)
+    layers = layer_parts(masked)
+    d = describe(config)
+    prefix = next(k.split(d.layers + ".")[0] for k in state if d.layers + "." in k) + d.layers
 
     # heads
     pruned_heads = {}
     for i, layer in enumerate(layers):
-        att = layer.attention.self
-        d, n = att.attention_head_size, att.num_attention_heads
+        att = layer.attention
+        size, n = att.attention_head_size, att.num_attention_heads
         keep = _keep(att.get_mask("heads"), n)
         silent = len(keep) == 0
         if silent:
             keep = torch.tensor([0])
         if len(keep) < n:
             pruned_heads[i] = sorted(set(range(n)) - set(keep.tolist()))
-            rows = (keep[:, None] * d + torch.arange(d)[None, :]).flatten()
-            p = f"{prefix}encoder.layer.{i}.attention"
+            rows = (keep[:, None] * size + torch.arange(size)[None, :]).flatten()
+            p = f"{prefix}.{i}"
             for name in ("query", "key", "value"):
-                state[f"{p}.self.{name}.weight"] = state[f"{p}.self.{name}.weight"][rows]
-                state[f"{p}.self.{name}.bias"] = state[f"{p}.self.{name}.bias"][rows]
-            state[f"{p}.output.dense.weight"] = state[f"{p}.output.dense.weight"][:, rows] * (0.0 if silent else 1.0)
+                state[f"{p}.{d.attention}.{name}.weight"] = state[f"{p}.{d.attention}.{name}.weight"][rows]
+                state[f"{p}.{d.attention}.{name}.bias"] = state[f"{p}.{d.attention}.{name}.bias"][rows]
+            reader = f"{p}.{d.attention_output}.dense.weight"
+            state[reader] = state[reader][:, rows] * (0.0 if silent else 1.0)
     if pruned_heads:
         base_pruned = getattr(config, "pruned_heads", None) or {}
         if base_pruned:
@@ -81,20 +83,20 @@ def write_adapterhub(model: nn.Module, maskset: Optional[MaskSet], out: Path, re
         config.pruned_heads = pruned_heads
 
     # FFN neurons
-    keeps = [_keep(layer.intermediate.get_mask("neurons"), layer.intermediate.dense.out_features) for layer in layers]
+    keeps = [_keep(layer.ffn.get_mask("neurons"), layer.ffn.dense.out_features) for layer in layers]
     width = max(1, max(len(k) for k in keeps))
     for i, keep in enumerate(keeps):
-        p = f"{prefix}encoder.layer.{i}"
-        state[f"{p}.intermediate.dense.weight"] = _pad_rows(state[f"{p}.intermediate.dense.weight"][keep], width)
-        state[f"{p}.intermediate.dense.bias"] = _pad_rows(state[f"{p}.intermediate.dense.bias"][keep], width)
-        state[f"{p}.output.dense.weight"] = _pad_cols(state[f"{p}.output.dense.weight"][:, keep], width)
+        ffn, reader = f"{prefix}.{i}.{d.ffn}.dense", f"{prefix}.{i}.{d.ffn_output}.dense"
+        state[f"{ffn}.weight"] = _pad_rows(state[f"{ffn}.weight"][keep], width)
+        state[f"{ffn}.bias"] = _pad_rows(state[f"{ffn}.bias"][keep], width)
+        state[f"{reader}.weight"] = _pad_cols(state[f"{reader}.weight"][:, keep], width)
     config.intermediate_size = width
 
     # fused adapters -> leave_out; bottleneck neurons -> per-layer widths
     fusion = hub["fusions"].get(setup)
     present = {}  # layer -> set of adapters that run there
     for i, layer in enumerate(layers):
-        for site in (layer.attention.output, layer.output):
+        for _, site in layer.sites:
             names = active_adapter_names(site)
             if site.active is not None and site.active[0] == "fuse":
                 mask = site.adapter_fusion_layer[site.active[1]].get_mask("adapters")
@@ -109,7 +111,7 @@ def write_adapterhub(model: nn.Module, maskset: Optional[MaskSet], out: Path, re
                 present[i] = set(names)
     widths = {}  # (adapter, layer) -> kept bottleneck indices per site
     for i, layer in enumerate(layers):
-        for site in (layer.attention.output, layer.output):
+        for _, site in layer.sites:
             for name in present.get(i) or ():
                 adapter = site.adapters[name] if name in site.adapters else None
                 if adapter is not None:
@@ -123,11 +125,11 @@ def write_adapterhub(model: nn.Module, maskset: Optional[MaskSet], out: Path, re
         for i in used:
             w = max(1, max(len(k) for k in widths[(name, i)]))
             mapping[str(i)] = hidden / (w + 0.5)
-            for site_name, site in (("attention.output", layers[i].attention.output), ("output", layers[i].output)):
+            for site_path, site in ((d.attention_output, layers[i].mh_site), (d.ffn_output, layers[i].out_site)):
                 if name not in site.adapters:
                     continue
                 keep = _keep(site.adapters[name].get_mask("bottleneck"), site.adapters[name].width)
-                p = f"{prefix}encoder.layer.{i}.{site_name}.adapters.{name}"
+                p = f"{prefix}.{i}.{site_path}.adapters.{name}"
                 down = f"{p}.adapter_down.{1 if cfg['ln_before'] else 0}"
                 state[f"{down}.weight"] = _pad_rows(state[f"{down}.weight"][keep], w)
                 state[f"{down}.bias"] = _pad_rows(state[f"{down}.bias"][keep], w)

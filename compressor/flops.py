@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .modeling.architecture import layers_of
+from .modeling.architecture import layer_parts
 from .modeling.modules import AdapterSite, Fusion
 from .units import active_adapter_names
 
@@ -63,14 +63,14 @@ def site_cost(site: AdapterSite, hidden: int) -> dict:
 def layer_costs(model: nn.Module, seq_len: int = 128) -> list:
     hidden = model.base_model.config.hidden_size
     rows = []
-    for i, layer in enumerate(layers_of(model)):
-        att = layer.attention.self
+    for i, layer in enumerate(layer_parts(model)):
+        att = layer.attention
         inner = att.all_head_size
         att_flops = 2 * hidden * inner * 3 + 4 * seq_len * inner + 2 * inner * hidden
-        ffn = layer.intermediate.dense.out_features
-        sites = {s: site_cost(m, hidden) for s, m in (("mh_adapter", layer.attention.output), ("output_adapter", layer.output))}
-        base_params = _params(att) + _params(layer.attention.output.dense) + _params(layer.intermediate) + \
-            _params(layer.output.dense) + 4 * hidden
+        ffn = layer.ffn.dense.out_features
+        sites = {s: site_cost(m, hidden) for s, m in layer.sites}
+        base_params = _params(att) + _params(layer.mh_site.dense) + _params(layer.ffn) + \
+            _params(layer.out_site.dense) + 4 * hidden
         rows.append(dict(
             layer=i, heads=att.num_attention_heads, ffn=ffn, sites=sites,
             attention_flops=att_flops, ffn_flops=4 * hidden * ffn,

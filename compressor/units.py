@@ -1,8 +1,8 @@
 """Prunable units of a loaded model, named by the model's own module paths (docs/design.md's table).
 
 | kind       | key                                                    | shape            |
-| heads      | <layer>.attention.self::heads                          | [num heads]      |
-| neurons    | <layer>.intermediate::neurons                          | [ffn width]      |
+| heads      | <layer>.<attention>::heads (BERT: attention.self)       | [num heads]      |
+| neurons    | <layer>.<ffn>::neurons (BERT: intermediate)             | [ffn width]      |
 | adapters   | <site>.adapter_fusion_layer.<fusion>::adapters         | [fused adapters] |
 | bottleneck | <site>.adapters.<name>::bottleneck                     | [width]          |
 | weights    | <path of a Linear weight>::weights                     | weight shape     |
@@ -72,10 +72,9 @@ def iter_units(model: nn.Module) -> Iterator[Unit]:
 
 
 def weight_params(model: nn.Module):
-    """Linear weights that run: encoder layers, and the active adapters and fusion of each site."""
+    """Linear weights that run: encoder layers, and the active adapters and fusion of each site (our modules
+    exist inside encoder layers only)."""
     for path, module in model.named_modules():
-        if "encoder.layer." not in path:
-            continue
         if isinstance(module, (SelfAttention, Intermediate)):
             for name, sub in module.named_children():
                 if isinstance(sub, nn.Linear) and sub.weight.numel():

@@ -9,7 +9,7 @@ directory is rebuilt from it (no pickles).
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -63,6 +63,37 @@ def layers_of(model: nn.Module):
 def sites_of(layer: nn.Module, description) -> tuple:
     """(mh_adapter site, output_adapter site) of a layer whose modules are ours."""
     return submodule(layer, description.attention_output), submodule(layer, description.ffn_output)
+
+
+class LayerParts(NamedTuple):
+    """A loaded model's layer, by role (paths come from the model type's description)."""
+    index: int
+    path: str  # the layer's module path in the model
+    attention: nn.Module  # SelfAttention: the heads
+    ffn: nn.Module  # Intermediate: the FFN neurons
+    mh_site: nn.Module  # AdapterSite after attention (its dense reads the heads)
+    out_site: nn.Module  # AdapterSite after the FFN (its dense reads the neurons)
+
+    @property
+    def sites(self) -> tuple:
+        return (("mh_adapter", self.mh_site), ("output_adapter", self.out_site))
+
+
+def layer_parts(model: nn.Module) -> list:
+    """Every layer of a loaded model (ours installed) as LayerParts."""
+    d = describe(base_config_of(model))
+    layers = layers_of(model)
+    prefix = next(p for p, m in model.named_modules() if m is layers)
+    return [LayerParts(i, f"{prefix}.{i}", submodule(layer, d.attention), submodule(layer, d.ffn),
+                       *sites_of(layer, d)) for i, layer in enumerate(layers)]
+
+
+def layer_of_path(model: nn.Module, module_path: str) -> LayerParts:
+    """The layer that holds the module at `module_path`."""
+    for parts in layer_parts(model):
+        if module_path.startswith(parts.path + "."):
+            return parts
+    raise KeyError(f"{module_path} is not inside an encoder layer")
 
 
 def base_config_of(model: nn.Module) -> PretrainedConfig:

@@ -8,7 +8,9 @@ of the type and are what our surgery replaces (docs/design.md, "Data flow": load
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from ..errors import UnsupportedAdapterError
 
@@ -27,6 +29,13 @@ class ModelDescription:
     attention_output: str = "attention.output"  # dense + LayerNorm after attention: the mh_adapter site
     ffn: str = "intermediate"  # the FFN's first projection and activation (replaced by Intermediate)
     ffn_output: str = "output"  # dense + LayerNorm after the FFN: the output_adapter site
+
+    @cached_property
+    def adapter_key(self) -> re.Pattern:
+        """AdapterHub's state-dict key of an adapter or fusion weight, whatever prefix the saving model class put
+        before it: group 1 is the key from the layers path on."""
+        sites = "|".join(re.escape(p) for p in (self.attention_output, self.ffn_output))
+        return re.compile(rf"^(?:.*\.)?({re.escape(self.layers)}\.\d+\.(?:{sites})\.(?:adapters|adapter_fusion_layer)\..+)$")
 
 
 DESCRIPTIONS = {d.model_type: d for d in (

@@ -8,7 +8,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from .architecture import apply_setup, layers_of, resolve_setup, site_adapter_entry
+from .architecture import apply_setup, layer_parts, resolve_setup, site_adapter_entry
 from .config import BottleneckConfig
 from .modules import Bottleneck
 
@@ -22,10 +22,6 @@ def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-
-def _sites(layer):
-    return (("mh_adapter", layer.attention.output), ("output_adapter", layer.output))
 
 
 def _reduction_factors(hidden: int, widths: Mapping[int, int]) -> dict:
@@ -45,8 +41,8 @@ def set_adapter(model: nn.Module, name: str, cfg: BottleneckConfig, widths: Mapp
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        for i, (layer, spec) in enumerate(zip(layers_of(model), manifest["layers"])):
-            for s, site in _sites(layer):
+        for i, (layer, spec) in enumerate(zip(layer_parts(model), manifest["layers"])):
+            for s, site in layer.sites:
                 if i not in widths or not getattr(cfg, s):
                     spec["sites"][s]["adapters"].pop(name, None)
                     if name in site.adapters:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,8 +31,6 @@ MODEL_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 ADAPTER_WEIGHTS = ("adapter.safetensors", "pytorch_adapter.bin")
 HEAD_WEIGHTS = ("model_head.safetensors", "pytorch_model_head.bin")
 FUSION_WEIGHTS = ("model_adapter_fusion.safetensors", "pytorch_model_adapter_fusion.bin")
-# `<anything>encoder.layer.<i>.<site path>.(adapters|adapter_fusion_layer).<name>.<param>`
-_ADAPTER_KEY = re.compile(r"^(?:.*\.)?(encoder\.layer\.\d+\.(?:attention\.)?output\.(?:adapters|adapter_fusion_layer)\..+)$")
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +108,8 @@ def load_model(path=None, adapters: Optional[Sequence] = None, fusion=None, setu
     adapter_cfgs, fusion_cfgs = _adapterhub_configs(hub)
     extra_weights = {}
     full_state = read_weights(weights_file)
-    extra_weights.update({k: v for k, v in full_state.items() if _ADAPTER_KEY.match(k) or k.startswith("heads.")})
+    adapter_key = describe(config).adapter_key
+    extra_weights.update({k: v for k, v in full_state.items() if adapter_key.match(k) or k.startswith("heads.")})
     heads_cfg = dict(raw_config.get("prediction_heads") or {})
     for adapter_dir in adapters or ():
         name, cfg, weights, head_cfg = _read_adapter_dir(Path(adapter_dir), config.hidden_size)
@@ -244,11 +242,12 @@ def _load_base(path: Path, config, model_class: str, full_state: dict) -> nn.Mod
 def _load_extra(model: nn.Module, weights: dict) -> None:
     """Load adapter, fusion and head weights, whatever model class the checkpoint was saved from."""
     own = model.state_dict()
-    prefix = next((k.split("encoder.layer.")[0] for k in own if "encoder.layer." in k), "")
+    d = describe(model.base_model.config)
+    prefix = next((k.split(d.layers + ".")[0] for k in own if d.layers + "." in k), "")
     wanted = {k for k in own if ".adapters." in k or ".adapter_fusion_layer." in k or k.startswith("heads.")}
     mapped = {}
     for key, value in weights.items():
-        m = _ADAPTER_KEY.match(key)
+        m = d.adapter_key.match(key)
         target = prefix + m.group(1) if m else key
         if target in wanted:
             if value.shape != own[target].shape:

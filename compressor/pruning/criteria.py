@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from ..modeling.architecture import layer_of_path
 from ..units import Unit
 from .registry import Registry
 
@@ -63,11 +64,10 @@ def _magnitude(model: nn.Module, unit: Unit) -> torch.Tensor:
     if unit.kind == "heads":
         d = module.attention_head_size
         rows = sum(_sq_rows(getattr(module, n).weight) for n in ("query", "key", "value"))
-        out = _sq_rows(model.get_submodule(unit.module_path.rsplit(".", 1)[0] + ".output.dense").weight.T)
+        out = _sq_rows(layer_of_path(model, unit.module_path).mh_site.dense.weight.T)
         return (rows + out).view(-1, d).sum(dim=1).sqrt()
     if unit.kind == "neurons":
-        layer = unit.module_path.rsplit(".", 1)[0]
-        out = model.get_submodule(layer + ".output.dense").weight
+        out = layer_of_path(model, unit.module_path).out_site.dense.weight
         return (_sq_rows(module.dense.weight) + _sq_rows(out.T)).sqrt()
     if unit.kind == "bottleneck":
         return (_sq_rows(module.down_proj.weight) + _sq_rows(module.adapter_up.weight.T)).sqrt()

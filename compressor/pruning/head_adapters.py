@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import PruningConfigError
 from ..masks import MaskSet
+from ..modeling.architecture import layer_of_path
 from ..modeling.config import BottleneckConfig
 from ..modeling.edit import set_adapter
 from ..training import train
@@ -61,7 +62,7 @@ class HeadImportance(PruningMethod):
         criterion = CRITERIA.get_or_fail(self.criterion)(seed=cfg.seed, n_batches=max(1, -(-opts.examples // data.config.batch_size)))
         scores = criterion.scores(model, list(units.values()), data)
         masks = global_prune(scores, units, cfg.sparsity["heads"], cfg.min_keep)
-        by_layer = sorted(units, key=lambda k: int(k.split("encoder.layer.")[1].split(".")[0]))
+        by_layer = sorted(units, key=lambda k: layer_of_path(model, units[k].module_path).index)
         layer_importance = [float((scores[k] * masks[k]).sum()) for k in by_layer]
         widths = importance_widths(layer_importance, opts.adapter_width)
         set_adapter(model, opts.adapter_name, BottleneckConfig(), widths, seed=cfg.seed, activate=True)
