@@ -3,14 +3,17 @@
 Builds each shape from its config (transformers BertConfig with the standard sizes, random init,
 `compressor.default_model.add_fusion`: eight bottleneck adapters and a dynamic AdapterFusion, AdapterHub's
 full-model layout; config.json + model.safetensors, no tokenizer), then runs `compressor.api.export` in a child
-process whose progress callback prints timestamped stage names, while this process samples the child's RSS every
-~20 ms. Per shape: the model's fp32 bytes, peak RSS (sampled, and the kernel's high-water mark `ru_maxrss` of the
-child), their ratio to the fp32 size, the stage at the peak, the peak per stage and the wall time. The child also
-reports its RSS after `import torch, onnxruntime, transformers` and the compressor (the import baseline).
+process whose progress callback prints timestamped stage names, while this process samples the RSS of that child
+and of any process it starts (summed) every ~20 ms. Per shape: the model's fp32 bytes, peak RSS (sampled, and
+the kernel's high-water mark `ru_maxrss` of the child), their ratio to the fp32 size, the stage at the peak, the
+peak per stage and the wall time. The child also reports its RSS after `import torch, onnxruntime,
+transformers` and the compressor (the import baseline). `--ab-graph-stages` instead times the stock and the
+low-memory ONNX export and optimisation, interleaved.
 
     python benchmarks/export_memory.py [--shapes base,large] [--variants int8] [--out-md FILE] [--label after]
+    python benchmarks/export_memory.py --shapes base --ab-graph-stages
 
-Needs free memory: ~6 GB for base, ~15 GB for large before the export-memory work; ~2 GB / ~5.5 GB after.
+Needs free memory: ~2.5 GB for base, ~5.5 GB for large (benchmarks/results/export_memory.md).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -33,18 +35,33 @@ SHAPES = {  # the standard BERT sizes
 SAMPLE_S = 0.02
 
 
-def rss_of(pid: int) -> int:
-    """Resident set size in bytes (psutil when installed, else /proc)."""
-    try:
-        import psutil
-
-        return psutil.Process(pid).memory_info().rss
-    except ImportError:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
     return 0
+
+
+def _children(pid: int) -> list:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+    return kids + [g for k in kids for g in _children(k)]
+
+
+def rss_of(pid: int) -> int:
+    """Resident set size in bytes of the process and all its descendants at this moment, summed (a stage run in
+    a child process counts with its parent; pages they share count twice, so the sum is an upper bound)."""
+    total = 0
+    for p in [pid] + _children(pid):
+        try:
+            total += _rss(p)
+        except OSError:  # exited between the listing and the read
+            pass
+    return total
 
 
 def build(shape: str, directory: Path) -> int:
@@ -150,6 +167,67 @@ def measure(model_dir: Path, variants: str) -> dict:
                 timeline=[(round(t - t0, 3), n) for t, n in stages], files=sizes)
 
 
+def ab_graph_stages(model_dir: Path, repeats: int = 2) -> dict:
+    """Wall time of the two graph stages this work changed, interleaved (stock, new, stock, new...) on one
+    compacted model: torch.onnx.export with its parameters vs `export_graph(external=True)`, and onnxruntime's
+    optimizer on the inline graph + `OnnxModel.save_model_to_file` vs `optimize_graph` on the external one."""
+    import logging
+    import statistics
+    import warnings
+
+    import torch
+
+    import compressor
+    from compressor.compaction import compact
+    from exporters import onnx_export as oe
+    from exporters import optimize as go
+    from exporters.runtime import release_memory
+
+    model = compact(compressor.load_model(str(model_dir)), in_place=True)
+    inputs, output = oe.io_names(model)
+    axes = {n: {0: "batch", 1: "sequence"} for n in inputs}
+    axes[output] = {0: "batch", 1: "sequence"} if output == "last_hidden_state" else {0: "batch"}
+    _, FusionOptions, optimize_model = go._optimizer_modules()
+    logging.getLogger("fusion_attention").setLevel(logging.ERROR)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+
+        def stock_export():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(oe._Graph(model, inputs, output).eval(), tuple(
+                    torch.ones(2, 8, dtype=torch.long) for _ in inputs), str(d / "stock.onnx"), dynamo=False,
+                    opset_version=oe.OPSET, input_names=inputs, output_names=[output], dynamic_axes=axes,
+                    do_constant_folding=True)
+
+        def stock_optimise():
+            options = FusionOptions("bert")
+            options.use_raw_attention_mask(True)
+            options.enable_skip_layer_norm = False
+            m = optimize_model(str(d / "stock.onnx"), model_type="bert", num_heads=0, hidden_size=0,
+                               optimization_options=options, opt_level=0)
+            go.adapter_attention_fusion(m).apply()
+            go.residual_sums(m.model)
+            m.topological_sort()
+            m.save_model_to_file(str(d / "stock_opt.onnx"))
+
+        arms = {"export stock": stock_export,
+                "export new": lambda: oe.export_graph(model, d / "raw.onnx", external=True),
+                "optimise stock": stock_optimise,
+                "optimise new": lambda: go.optimize_graph(d / "raw.onnx", d / "opt.onnx")}
+        times = {k: [] for k in arms}
+        for _ in range(repeats):
+            for name, run in arms.items():
+                release_memory()
+                t = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return dict(times=times, export_ratio=med["export new"] / med["export stock"],
+                optimise_ratio=med["optimise new"] / med["optimise stock"])
+
+
 def gb(n) -> str:
     return f"{n / 1e9:.2f} GB" if n else "-"
 
@@ -181,10 +259,19 @@ def main() -> None:
     ap.add_argument("--out-md", type=Path, default=None, help="write the tables to this Markdown file")
     ap.add_argument("--out-json", type=Path, default=None)
     ap.add_argument("--label", default="export memory")
+    ap.add_argument("--ab-graph-stages", action="store_true",
+                    help="instead: time the stock and the low-memory graph stages, interleaved")
     ap.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "export_memory_models",
                     help="where the built models are kept (reused between runs)")
     args = ap.parse_args()
     results = {}
+    if args.ab_graph_stages:
+        for shape in args.shapes.split(","):
+            build(shape, args.work_dir / shape)
+            r = ab_graph_stages(args.work_dir / shape)
+            print(f"{shape}: " + "; ".join(f"{k} {', '.join(f'{t:.1f}' for t in v)} s" for k, v in r["times"].items())
+                  + f"; new/stock median: export {r['export_ratio']:.2f}, optimise {r['optimise_ratio']:.2f}")
+        return
     for shape in args.shapes.split(","):
         directory = args.work_dir / shape
         fp32 = build(shape, directory)

@@ -28,19 +28,31 @@ def _kept(mask: Optional[torch.Tensor], n: int) -> torch.Tensor:
     return torch.arange(n) if mask is None else torch.nonzero(mask, as_tuple=False).flatten()
 
 
+def _take(t: torch.Tensor, index: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """`t` indexed along `dim` (t[index] or t[:, index]); `t` itself, not a copy, when every entry is kept."""
+    n = t.shape[dim]
+    if len(index) == n and torch.equal(index, torch.arange(n)):
+        return t
+    return t[index] if dim == 0 else t[:, index]
+
+
 def _linear(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Linear:
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
+    """An nn.Linear holding `weight` and `bias` in the default dtype; their storage is taken over, not copied
+    (compaction replaces the module that held them)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    dtype = torch.get_default_dtype()
+    layer.weight = nn.Parameter(weight.detach().to(dtype).contiguous())
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach().to(dtype).contiguous())
     return layer
 
 
 @torch.no_grad()
-def compact(model: nn.Module, maskset: Optional[MaskSet] = None) -> nn.Module:
-    """Return a compacted copy of `model` under `maskset` (None: only fold what can be folded)."""
-    model = copy.deepcopy(model)
+def compact(model: nn.Module, maskset: Optional[MaskSet] = None, in_place: bool = False) -> nn.Module:
+    """Return a compacted copy of `model` under `maskset` (None: only fold what can be folded). `in_place`: the
+    caller hands `model` over and it is compacted itself (no copy of the weights; `model` is the result)."""
+    if not in_place:
+        model = copy.deepcopy(model)
     if maskset is not None:
         apply_masks(model, maskset)
     manifest = model.compress_manifest
@@ -63,10 +75,10 @@ def _compact_attention(layer) -> int:
     new = SelfAttention(att.query.in_features, len(heads), d, att.dropout.p)
     for name in ("query", "key", "value"):
         old = getattr(att, name)
-        setattr(new, name, _linear(old.weight[rows], old.bias[rows]))
+        setattr(new, name, _linear(_take(old.weight, rows), _take(old.bias, rows)))
     layer.attention.self = new
     dense = layer.attention.output.dense
-    layer.attention.output.dense = _linear(dense.weight[:, rows], dense.bias)
+    layer.attention.output.dense = _linear(_take(dense.weight, rows, 1), dense.bias)
     return len(heads)
 
 
@@ -74,10 +86,10 @@ def _compact_ffn(layer) -> int:
     ffn: Intermediate = layer.intermediate
     keep = _kept(ffn.get_mask("neurons"), ffn.dense.out_features)
     new = Intermediate(ffn.dense.in_features, len(keep), ffn.intermediate_act_fn)
-    new.dense = _linear(ffn.dense.weight[keep], ffn.dense.bias[keep])
+    new.dense = _linear(_take(ffn.dense.weight, keep), _take(ffn.dense.bias, keep))
     layer.intermediate = new
     dense = layer.output.dense
-    layer.output.dense = _linear(dense.weight[:, keep], dense.bias)
+    layer.output.dense = _linear(_take(dense.weight, keep, 1), dense.bias)
     return len(keep)
 
 
@@ -302,8 +314,15 @@ def write_compacted(model: nn.Module, directory: Path, tokenizer_dir=None) -> No
     model.base_model.config.to_json_file(str(directory / "config.json"))
     manifest = dict(model.compress_manifest, fingerprint=fingerprint(model))
     (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
-    # clone: safetensors refuses shared storage (AdapterHub registers ln_before twice)
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    # safetensors refuses shared storage (AdapterHub registers ln_before twice): clone only a tensor whose storage
+    # an earlier one uses, not the whole state (a second copy of the weights)
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        ptr = v.untyped_storage().data_ptr()
+        whole = v.is_contiguous() and v.untyped_storage().nbytes() == v.numel() * v.element_size()
+        state[k] = v.clone() if ptr in seen or not whole else v
+        seen.add(ptr)
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer_dir is not None:
         copy_tokenizer_files(Path(tokenizer_dir), directory)

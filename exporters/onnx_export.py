@@ -15,12 +15,14 @@ in the dynamo exporter's output.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+import onnx
 import torch
 from torch import nn
 
@@ -30,6 +32,7 @@ from compressor.io import atomic_output_dir, check_output_dir
 from compressor.masks import MaskSet, masked_copy
 from compressor.modeling.architecture import layers_of
 
+from . import graph_io
 from . import optimize as graph_opt
 from . import variants as variant_registry
 from . import verify
@@ -105,26 +108,61 @@ def io_names(model: nn.Module) -> tuple:
     return names, ("logits" if getattr(out, "logits", None) is not None else "last_hidden_state")
 
 
-def export_graph(model: nn.Module, path: Path, opset: int = OPSET) -> tuple:
-    """Write the ONNX graph of `model` with dynamic batch and sequence axes. Returns (input names, output)."""
+def export_graph(model: nn.Module, path: Path, opset: int = OPSET, external: Optional[bool] = None) -> tuple:
+    """Write the ONNX graph of `model` with dynamic batch and sequence axes. Returns (input names, output).
+    `external` True: the weights go to `<path>.data` (a scratch form for the optimiser); None: only past 2 GB.
+
+    The TorchScript exporter builds the whole ModelProto in C++ and returns it serialised (two to three copies
+    of the weights beside the model's own), so it is run with `export_params=False`: it writes the graph alone,
+    and the initializers it would have stored (after constant folding and deduplication, recorded by
+    `_recorded_initializers`) are written here one at a time (exporters/graph_io.py)."""
+    path = Path(path)
     model = model.eval()
     inputs, output = io_names(model)
     example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in inputs)
     axes = {n: {0: "batch", 1: "sequence"} for n in inputs}
     axes[output] = {0: "batch", 1: "sequence"} if output == "last_hidden_state" else {0: "batch"}
-    big = sum(p.numel() * p.element_size() for p in model.parameters()) > graph_opt.TWO_GB
-    with warnings.catch_warnings():
-        _export(model, inputs, output, example, path, opset, axes, big)
+    with warnings.catch_warnings(), _recorded_initializers() as params:
+        _export(model, inputs, output, example, path, opset, axes)
+    if not params:  # a torch whose exporter no longer passes through the recorded step
+        raise ExportError("torch.onnx.export recorded no initializers: this torch version is not supported by "
+                          "the export; install the torch version pyproject.toml names")
+    data = path.name + ".data"
+    graph_io.attach_initializers(path, params, data)
+    del params
+    if not external:  # the deployable form: self-contained below 2 GB
+        graph = onnx.load(str(path), load_external_data=False)
+        if not graph_io.write_model(graph, path, external=external):
+            (path.parent / data).unlink()
     return inputs, output
 
 
-def _export(model, inputs, output, example, path, opset, axes, big) -> None:
+@contextlib.contextmanager
+def _recorded_initializers():
+    """Record the initializers `torch.onnx.export` settles on: the TorchScript exporter passes them through
+    `_jit_pass_onnx_deduplicate_initializers` (whatever `export_params` says) just before encoding the graph."""
+    recorded, original = {}, torch._C._jit_pass_onnx_deduplicate_initializers
+
+    def record(graph, params, training):
+        params = original(graph, params, training)
+        recorded.clear()
+        recorded.update(params)
+        return params
+
+    torch._C._jit_pass_onnx_deduplicate_initializers = record
+    try:
+        yield recorded
+    finally:
+        torch._C._jit_pass_onnx_deduplicate_initializers = original
+
+
+def _export(model, inputs, output, example, path, opset, axes) -> None:
     try:
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # Python branches on fixed shapes: constant here
         # the wrapper must be in eval mode: the exporter restores the top module's mode onto every submodule
         torch.onnx.export(_Graph(model, inputs, output).eval(), example, str(path), dynamo=False,
                           opset_version=opset, input_names=inputs, output_names=[output], dynamic_axes=axes,
-                          do_constant_folding=True, external_data=big)
+                          do_constant_folding=True, export_params=False)
     except Exception as e:
         raise ExportError(f"torch.onnx.export failed: {str(e).splitlines()[0]}") from e
 
@@ -137,16 +175,21 @@ def _on_demand(path: Path, provider: str) -> "verify.OnDemand":
 
 def export_onnx(model: nn.Module, out, masks: Optional[MaskSet] = None, config: Optional[ExportConfig] = None,
                 overwrite: bool = False, tokenizer_dir=None, progress: Optional[Callable[[str], None]] = None,
-                eval_data=None) -> ExportResult:
+                eval_data=None, owned: bool = False) -> ExportResult:
     """Compact `model` under `masks` (None: fold only), export, optimise, verify against the masked model and
     write the export directory `out`. Raises ParityError (nothing written) unless `allow_mismatch`.
     `eval_data` (a training.TaskContext): also score model.onnx and every written variant registered with
     `scored = True` (int8, fp16) on its dev split.
 
-    Memory: at most one model or graph besides the caller's `model` is held at a time. The parity inputs are drawn
-    from the seed first; the masked reference and the compacted model are run on them as soon as they exist, the
-    reference is dropped before compaction and the compacted weights right after the ONNX export; each graph
-    stage reads its input from disk, and each parity session is created, run and released in turn."""
+    `owned`: the caller hands `model` over; it is compacted in place (and its weights freed after the ONNX
+    export) instead of copied.
+
+    Memory: at most one model or graph besides the caller's `model` (none with `owned`) is held at a time. The
+    parity inputs are drawn from the seed first; the masked reference and the compacted model are run on them as
+    soon as they exist, the reference is dropped before compaction and the compacted weights right after the ONNX
+    export; each graph stage reads its input from disk (the raw graph keeps its weights in external data, which
+    the optimiser reads only where a fusion needs values), files are written one tensor at a time
+    (exporters/graph_io.py), and each parity session is created, run and released in turn."""
     config = config or ExportConfig()
     say = progress or (lambda _msg: None)
     check_output_dir(out, overwrite)
@@ -164,7 +207,8 @@ def export_onnx(model: nn.Module, out, masks: Optional[MaskSet] = None, config: 
     verify_s = time.perf_counter() - t_parity
     del reference
     release_memory()
-    compacted = compact(model, masks)
+    compacted = compact(model, masks, in_place=owned)
+    del model
     timings["compact_s"] = time.perf_counter() - t - verify_s
     t_parity = time.perf_counter()
     compacted_outputs = verify.run_cases(verify.torch_runner(compacted, output), cases)
@@ -177,7 +221,7 @@ def export_onnx(model: nn.Module, out, masks: Optional[MaskSet] = None, config: 
         t = time.perf_counter()
         say("exporting to ONNX")
         raw = tmp / ("model.onnx" if not config.optimize else "model.raw.onnx")
-        export_graph(compacted, raw, config.opset)
+        export_graph(compacted, raw, config.opset, external=True if config.optimize else None)
         # export.md needs only the compacted model's shapes (parameters, FLOPs): its weights go
         compacted.to("meta")
         release_memory()
@@ -186,7 +230,7 @@ def export_onnx(model: nn.Module, out, masks: Optional[MaskSet] = None, config: 
         if config.optimize:
             t = time.perf_counter()
             say("optimising the graph")
-            graph_opt.optimize_graph(raw, deploy, model_type="bert")
+            attention = graph_opt.optimize_graph(raw, deploy, model_type="bert")
             raw.unlink()
             for extra in tmp.glob("*.onnx.data"):  # external data of the raw graph, if it had any
                 if extra.name != "model.onnx.data":
@@ -194,7 +238,8 @@ def export_onnx(model: nn.Module, out, masks: Optional[MaskSet] = None, config: 
             release_memory()
             timings["optimize_s"] = time.perf_counter() - t
         files["model"] = deploy.name
-        attention = graph_opt.attention_nodes_per_layer(deploy)
+        if not config.optimize:
+            attention = graph_opt.attention_nodes_per_layer(deploy)
         release_memory()
 
         entries, tolerances, written = {}, {}, []

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import onnx
 
-TWO_GB = 2 ** 31
+from . import graph_io
 
 
 def _optimizer_modules():
@@ -105,9 +105,11 @@ def adapter_attention_fusion(onnx_model):
     return AdapterAttentionFusion(onnx_model, 0, 0, onnx_model.attention_mask, search_op_types=["Softmax"])
 
 
-def optimize_graph(src: Path, dst: Path, model_type: str = "bert") -> None:
+def optimize_graph(src: Path, dst: Path, model_type: str = "bert") -> dict:
     """onnxruntime's transformer optimizer (offline fusions only: the session adds its own at load), then the
-    adapter attention fusion. Writes `dst`; weights go to external data when the model passes 2 GB."""
+    adapter attention fusion. Writes `dst`; weights go to external data when the model passes 2 GB. `src` may
+    keep its weights in external data (`export_graph(..., external=True)`). Returns the written graph's
+    `attention_in` (reading an inline graph back would load its weights)."""
     _, FusionOptions, optimize_model = _optimizer_modules()
     options = FusionOptions(model_type)
     options.use_raw_attention_mask(True)
@@ -116,13 +118,23 @@ def optimize_graph(src: Path, dst: Path, model_type: str = "bert") -> None:
     options.enable_skip_layer_norm = False
     # onnxruntime warns that pruned layers' Q/K/V width differs from the input width: expected, not a fault
     logging.getLogger("fusion_attention").setLevel(logging.ERROR)
-    model = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0,
-                           optimization_options=options, opt_level=0)
-    adapter_attention_fusion(model).apply()
-    residual_sums(model.model)
-    model.topological_sort()
-    big = sum(t.ByteSize() for t in model.model.graph.initializer) > TWO_GB
-    model.save_model_to_file(str(dst), use_external_data_format=big)
+    # Memory: the graph is read without its external data and a weight is read only when a fusion asks for its
+    # values (Q, K and V, which attention fusion concatenates, and small constants), so the shape-inference copies
+    # the optimizer makes hold no weights; the result is written one tensor at a time (exporters/graph_io.py)
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    with graph_io.lazy_external_data(src.parent):
+        model = optimize_model(onnx.load(str(src), load_external_data=False), model_type=model_type, num_heads=0,
+                               hidden_size=0, optimization_options=options, opt_level=0)
+        adapter_attention_fusion(model).apply()
+        residual_sums(model.model)
+        model.topological_sort()
+    # what OnnxModel.save adds before writing: the com.microsoft opset when a fused node needs it
+    onnx_model = model.model
+    if any(n.domain == "com.microsoft" for n in onnx_model.graph.node) and not any(
+            o.domain == "com.microsoft" for o in onnx_model.opset_import):
+        onnx_model.opset_import.add(domain="com.microsoft", version=1)
+    graph_io.write_model(onnx_model, dst, base_dir=src.parent)
+    return attention_in(onnx_model.graph)
 
 
 def _residual_adds(graph, op_type: str) -> list:
@@ -158,7 +170,11 @@ _LAYER = re.compile(r"layer\.(\d+)/")
 def attention_nodes_per_layer(path: Path) -> dict:
     """{layer index: [num_heads of each fused Attention node]}, the layer read from the scope name of the node
     that consumes the attention output (the output dense MatMul keeps its exporter name)."""
-    graph = onnx.load(str(path), load_external_data=False).graph
+    return attention_in(onnx.load(str(path), load_external_data=False).graph)
+
+
+def attention_in(graph: onnx.GraphProto) -> dict:
+    """`attention_nodes_per_layer` of a graph in memory."""
     consumers = {}
     for node in graph.node:
         for name in node.input:
