@@ -33,7 +33,6 @@ from onnx import helper, numpy_helper
 from compressor.errors import ExportError
 from compressor.pruning.registry import Registry
 
-from .runtime import release_memory
 
 ATOL = "atol"  # a variant's tolerance: held to --atol
 
@@ -100,50 +99,89 @@ def resolve(names) -> list:
 
 @register_variant("int8")
 class Int8(Variant):
-    """onnxruntime dynamic quantization (`--quantize int8`): int8 weights, activations quantized at run time."""
+    """onnxruntime int8 (`--quantize int8`): dynamic per-tensor quantization, or, when the export has `--data`,
+    the scheme and fp32 fallbacks of lowest measured cost against fp32 (exporters/quantization.py)."""
 
     file = "model.int8.onnx"
-    title = "int8 (onnxruntime dynamic quantization: optimise, pre-process, quantize)"
+    title = "int8 (onnxruntime quantization: optimise, pre-process, quantize)"
     tolerance = None  # quantization error is not a bug: recorded, and measured on dev data with --data
     scored = True
 
     def build(self, deploy, dst):
-        write_int8(deploy, dst)
-        return {}
+        from . import quantization
+
+        setup = quantization.current()
+        if setup is None or not setup.search:
+            write_int8(deploy, dst)
+            return dict(scheme=quantization.DEFAULT.name)
+        return quantization.search(deploy, dst, setup, progress=setup.progress)
 
     def summary(self, entry, sizes):
         dense, q = sizes["model.onnx"], sizes[self.file]
-        return [f"`{self.file}`: {mb(q)} ({dense / q:.2f}x smaller than `model.onnx`). Output deviation from "
-                f"the reference: max abs diff {entry['max_abs_diff']:.3e}; recorded, not held to atol. "
-                "Measure its latency with `compress bench`."]
+        lines = [f"`{self.file}`: {mb(q)} ({dense / q:.2f}x smaller than `model.onnx`), {entry['scheme']} "
+                 f"quantization. Output deviation from the reference: max abs diff {entry['max_abs_diff']:.3e}; "
+                 "recorded, not held to atol. Measure its latency with `compress bench`."]
+        if "candidates" not in entry:
+            return lines + ["", f"Not measured against fp32 (no `--data`): {entry['scheme']}, the default. With "
+                            "`--data` the scheme and fp32 fallbacks are chosen by measured fidelity."]
+        return lines + [""] + search_summary(entry)
+
+
+@register_variant("int8-static")
+class Int8Static(Int8):
+    """Static int8 (`--variant int8-static`): QDQ, activation ranges calibrated on task texts (the export's
+    `--data` training rows, or the packaged MRPC sample), per-channel or not and fp32 fallbacks by measurement."""
+
+    file = "model.int8-static.onnx"
+    title = "int8-static (onnxruntime static QDQ quantization, calibrated)"
+
+    def build(self, deploy, dst):
+        from . import quantization as q
+
+        setup = q.current() or q.Int8Setup()
+        if not setup.calibration:
+            setup = q.packaged_setup(deploy.parent, setup.max_length, keep=setup.keep, progress=setup.progress,
+                                     calibration_examples=setup.calibration_examples)
+        return q.search(deploy, dst, setup, schemes=q.STATIC_SCHEMES, progress=setup.progress)
+
+
+def search_summary(entry: dict) -> list:
+    """export.md lines of a measured int8 choice (quantization.search's record)."""
+    b = entry["bounds"]
+    fid = entry["fidelity"]
+    vs = (f"; {entry['baseline_cost'] / fid['cost']:.1f}x lower than {entry['baseline']}'s"
+          if entry["baseline"] != entry["winner"] and fid["cost"] > 0 else "")
+    lines = [f"Chosen by measured fidelity against `model.onnx` on {entry['source']}: **{entry['winner']}** "
+             f"({entry['choice']}; mean KL {fid['cost']:.2e}{vs}"
+             + (f", agreement {fid['agreement']:.4f}" if fid["agreement"] is not None else "") + "). Bounds: mean "
+             f"KL <= {b['kl']:g} and agreement >= {b['agreement']:g}; at most {b['max_kept']} units kept fp32, each "
+             f"while it lowers the KL by {b.get('min_gain', 0):.0%} or more.",
+             "", "| candidate | mean KL (or rel. MSE) | agreement | max abs diff |", "|---|---|---|---|"]
+    for c in entry["candidates"]:
+        agree = "-" if c["agreement"] is None else f"{c['agreement']:.4f}"
+        lines.append(f"| {c['name']} | {c['cost']:.2e} | {agree} | {c['max_abs_diff']:.3f} |")
+    if entry["kept_fp32"]:
+        lines += ["", "Kept fp32 (`nodes_to_exclude`): the units whose quantization alone cost most: "
+                  + "; ".join(f"{k['unit']} (KL {k['cost']:.2e} alone; {', '.join(k['nodes'])})"
+                              for k in entry["kept_fp32"]) + "."]
+    else:
+        lines += ["", "No unit kept fp32."]
+    if entry["sensitivity"]:
+        top = entry["sensitivity"][:6]
+        lines += ["", f"Sensitivity (each unit quantized alone, {len(entry['sensitivity'])} units; the costliest): "
+                  + ", ".join(f"{r['unit']} {r['cost']:.2e}" for r in top) + "."]
+    return lines
 
 
 def write_int8(src: Path, dst: Path) -> None:
-    """onnxruntime dynamic quantization of the optimised graph: pre-process (shape inference), then
-    `quantize_dynamic` with int8 weights (MatMul, fused Attention, Gather of embeddings). Symbolic shape
-    inference is skipped: it gives up on the sequence axis of our graphs; onnx's own inference suffices for
-    dynamic quantization, which needs no activation ranges.
-
-    The pre-processing is what `quant_pre_process(skip_optimization=True, skip_symbolic_shape=True)` does (onnx
-    shape inference and its metadata tag), without its extra in-memory copies: the graph is tagged and written
-    with its weights as external data (tensors of 1 KB and more; small constants such as Reshape shapes stay
-    inline), so that the shape inference `quantize_dynamic` runs from the file reads no weights, and only
-    `quantize_dynamic`'s own copy of the fp32 graph is ever in memory."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.quant_utils import add_pre_process_metadata
+    """onnxruntime dynamic per-tensor quantization of the optimised graph (int8 weights of MatMul, fused
+    Attention, embedding Gathers), pre-processed without extra in-memory copies (quantization.preprocess), so
+    that only `quantize_dynamic`'s own copy of the fp32 graph is ever in memory."""
+    from . import quantization
 
     with tempfile.TemporaryDirectory() as tmp:
-        pre = Path(tmp) / "pre.onnx"
-        model = onnx.load(str(src))
-        add_pre_process_metadata(model)
-        # each tensor's bytes leave the ModelProto as they are written: never the graph and its serialization both
-        onnx.save_model(model, str(pre), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="pre.onnx.data", size_threshold=1024, convert_attribute=False)
-        del model
-        release_memory()
-        # onnx's shape inference types no output of contrib ops (fused Attention): everything here is fp32
-        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        pre = quantization.preprocess(src, Path(tmp) / "pre.onnx")
+        quantization.quantize(pre, dst, quantization.DEFAULT)
 
 
 # ----------------------------------------------------------------------------------------------- fp16

@@ -90,11 +90,11 @@ def test_config_spellings_and_unknown_names():
     assert config.quantize == "int8" and config.sparse
     assert ExportConfig(variants=["sparse"]).sparse and ExportConfig(variants="fp16").variants == ("fp16",)
     assert ExportConfig().variants == ()
-    with pytest.raises(ExportError, match="unknown export variant 'fp8'; choose one of: int8, fp16, sparse"):
+    with pytest.raises(ExportError, match="unknown export variant 'fp8'; choose one of: int8, int8-static, fp16, sparse"):
         ExportConfig(variants=["fp8"])
     with pytest.raises(ValueError, match="registered twice"):
         register_variant("fp16")(type("Again", (Variant,), {}))
-    assert {"int8", "fp16", "sparse"} <= set(VARIANTS)
+    assert {"int8", "int8-static", "fp16", "sparse"} <= set(VARIANTS)
     assert [v.name for v in variants.resolve(["sparse", "fp16"])] == ["fp16", "sparse"]
 
 
