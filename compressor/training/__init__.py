@@ -2,7 +2,7 @@
 head training. The same code runs on a CPU here and on several GPUs under `accelerate launch`."""
 from .config import TrainConfig
 from .loop import evaluate, train
-from .objectives import TaskContext
-from .recovery import retrain_masked
+from .objectives import KDConfig, TaskContext
+from .recovery import RECOVERY, recover, retrain_masked
 
-__all__ = ["TrainConfig", "train", "evaluate", "TaskContext", "retrain_masked"]
+__all__ = ["TrainConfig", "train", "evaluate", "TaskContext", "KDConfig", "RECOVERY", "recover", "retrain_masked"]

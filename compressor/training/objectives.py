@@ -1,5 +1,6 @@
-"""What methods train against: the task loss on labelled data, and the task-agnostic objectives of mask
-training (masked language modelling, distillation from the dense model's hidden states)."""
+"""What methods train against: the task loss on labelled data, the task-agnostic objectives of mask
+training (masked language modelling, distillation from the dense model's hidden states), and distillation from a
+dense teacher's logits and layer outputs (recovery after pruning, `compress train --teacher`)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,107 @@ def kd_loss(model: nn.Module, batch: dict, teacher: nn.Module) -> torch.Tensor:
     mask = batch["attention_mask"].to(student.dtype)
     cos = F.cosine_similarity(student, target, dim=-1)
     return ((1 - cos) * mask).sum() / mask.sum()
+
+
+@dataclass(frozen=True)
+class KDConfig:
+    """Distillation from a dense teacher (`--recover kd`, `compress train --teacher`); the defaults live here.
+
+    loss = logits_weight * T^2 * KL(softmax(teacher / T) || softmax(student / T))   (MSE of the logits for a
+           regression head; Hinton et al.'s T^2 keeps the gradient scale independent of T)
+         + hidden_weight * mean over `layers` of the MSE of the layer outputs, over real tokens only
+    The student keeps the teacher's hidden size and layer count (pruning removes heads, neurons and adapters,
+    never hidden dimensions), so layer i of one aligns with layer i of the other."""
+
+    temperature: float = 2.0
+    logits_weight: float = 1.0
+    hidden_weight: float = 1.0
+    layers: Optional[tuple] = None  # 0-based encoder layers whose outputs are matched; None: every layer
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise TrainingError(f"--kd-temperature must be > 0, got {self.temperature}")
+        if self.logits_weight < 0 or self.hidden_weight < 0 or self.logits_weight + self.hidden_weight == 0:
+            raise TrainingError(f"the KD weights must be >= 0 and not both 0, got logits {self.logits_weight}, "
+                                f"hidden {self.hidden_weight}")
+
+    @classmethod
+    def parse_layers(cls, text: Optional[str]) -> Optional[tuple]:
+        """`--kd-layers`: 'all' (or None) or comma-separated 0-based layer indices."""
+        if text is None or str(text).strip() == "all":
+            return None
+        try:
+            layers = tuple(sorted({int(x) for x in str(text).split(",") if x.strip()}))
+        except ValueError:
+            layers = ()
+        if not layers or min(layers) < 0:
+            raise TrainingError(f"--kd-layers must be 'all' or 0-based layer numbers like 1,3,5, got {text!r}")
+        return layers
+
+
+def _logits(out) -> Optional[torch.Tensor]:
+    return getattr(out, "logits", None)
+
+
+def distill_terms(student_out, teacher_out, attention_mask: torch.Tensor, config: KDConfig) -> dict:
+    """The unweighted KD terms ("logits", "hidden") of two forward outputs (with hidden_states when the hidden
+    term is used)."""
+    terms = {}
+    s_logits, t_logits = _logits(student_out), _logits(teacher_out)
+    if config.logits_weight > 0:
+        if s_logits is None or t_logits is None:
+            raise TrainingError("KD on logits needs a prediction head on the student and the teacher: "
+                                "set --kd-logits-weight 0, or train a head first")
+        s_logits, t_logits = s_logits.float(), t_logits.float()
+        if s_logits.shape[-1] == 1:  # regression: no distribution to match
+            terms["logits"] = F.mse_loss(s_logits, t_logits)
+        else:
+            T = config.temperature
+            terms["logits"] = F.kl_div(F.log_softmax(s_logits / T, -1), F.log_softmax(t_logits / T, -1),
+                                       log_target=True, reduction="batchmean") * T * T
+    if config.hidden_weight > 0:
+        s_states, t_states = student_out.hidden_states[1:], teacher_out.hidden_states[1:]
+        layers = range(len(t_states)) if config.layers is None else config.layers
+        if max(layers) >= len(t_states) or len(s_states) != len(t_states):
+            raise TrainingError(f"--kd-layers {','.join(map(str, layers))}: the models have {len(s_states)} and "
+                                f"{len(t_states)} layers (0-based numbers below that)")
+        mask = attention_mask.to(t_states[0].dtype).unsqueeze(-1)
+        per_token = mask.sum() * t_states[0].shape[-1]
+        terms["hidden"] = sum(((s_states[i] - t_states[i]) ** 2 * mask).sum() / per_token
+                              for i in layers) / len(layers)
+    return terms
+
+
+class Distillation:
+    """The KD loss as the training loop's loss_fn(model, batch). The teacher is frozen, in eval mode, run without
+    gradients, and follows the batches to the student's device; it is never prepared by accelerate (it does not
+    train, so DDP has nothing to synchronise)."""
+
+    def __init__(self, teacher: nn.Module, config: Optional[KDConfig] = None):
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.config = config or KDConfig()
+
+    def outputs(self, model: nn.Module, batch: dict) -> tuple:
+        """(student output, teacher output) on `batch`, hidden states included when the hidden term is used."""
+        inputs = model_inputs(batch)
+        device = inputs["input_ids"].device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        extra = dict(output_hidden_states=True) if self.config.hidden_weight > 0 else {}
+        with torch.no_grad():
+            target = self.teacher(**inputs, **extra)
+        return model(**inputs, **extra), target
+
+    def terms(self, model: nn.Module, batch: dict) -> dict:
+        student, teacher = self.outputs(model, batch)
+        return distill_terms(student, teacher, batch["attention_mask"], self.config)
+
+    def __call__(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        terms = self.terms(model, batch)
+        weights = dict(logits=self.config.logits_weight, hidden=self.config.hidden_weight)
+        return sum(weights[k] * v for k, v in terms.items())
 
 
 class MLMHead(nn.Module):
