@@ -69,3 +69,40 @@ def write_export_md(result, compacted, path: Path, optimized: bool) -> None:
     t = result.timings
     lines += ["", "Timings: " + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in t.items()), ""]
     Path(path).write_text("\n".join(lines))
+
+
+SPEEDUP_FILE = "speedup.json"
+
+
+def add_speedup(out, extra: dict, measured: dict) -> dict:
+    """The measured speedup (exporters/speedup.py) beside the prediction of the masks' latency target (masks.json
+    `extra`): written to OUT/speedup.json and as a section of OUT/export.md. Returns the record."""
+    import json
+
+    record = dict(measured, target_speedup=extra.get("target_speedup"),
+                  predicted_speedup=extra.get("predicted_speedup"), latency_model=extra.get("latency_model"))
+    record["measured_vs_predicted"] = round(record["speedup"] / record["predicted_speedup"] - 1, 4) \
+        if record["predicted_speedup"] else None
+    out = Path(out)
+    (out / SPEEDUP_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    lines = ["## Speedup over the dense model (plain onnxruntime CPU sessions)", "",
+             "| shape | dense ms | model.onnx ms | measured | predicted | target |", "|---|---|---|---|---|---|",
+             f"| {record['shape']} | {record['dense_ms']:.3f} | {record['pruned_ms']:.3f} | {record['speedup']:.2f}x | "
+             f"{record['predicted_speedup']:.2f}x | {record['target_speedup']:g}x |", "",
+             f"Timed interleaved ({record['rounds']} rounds, medians of per-round ratios); the prediction is the "
+             f"latency model's ({record['latency_model']}, compressor/latency.py).", ""]
+    with open(out / "export.md", "a") as f:
+        f.write("\n".join(lines))
+    return record
+
+
+def speedup_table(record: dict):
+    """export's console table of add_speedup's record."""
+    from rich.table import Table
+
+    table = Table(title=f"speedup over dense, plain onnxruntime CPU sessions, {record['shape']}")
+    for col in ("dense ms", "model.onnx ms", "measured", "predicted", "target"):
+        table.add_column(col, justify="right")
+    table.add_row(f"{record['dense_ms']:.3f}", f"{record['pruned_ms']:.3f}", f"{record['speedup']:.2f}x",
+                  f"{record['predicted_speedup']:.2f}x", f"{record['target_speedup']:g}x")
+    return table

@@ -169,7 +169,14 @@ def test_same_seed_same_masks_and_weights_and_the_input_model_is_unchanged(plant
     (dict(target_flops=1.5), r"target_flops=1.5 must be in \(0, 1\)"),
     (dict(target_flops=0.0), r"target_flops=0.0 must be in \(0, 1\)"),
     (dict(target_flops=1.0), r"target_flops=1.0 must be in \(0, 1\)"),
-    (dict(), r"needs a FLOPs target"),
+    (dict(), r"needs exactly one target: --target-speedup X"),
+    (dict(target_flops=0.5, target_params=0.5), r"exactly one target.*got target_flops and target_params"),
+    (dict(target_speedup=1.0), r"target_speedup=1.0 must be > 1"),
+    (dict(target_speedup=0.5), r"target_speedup=0.5 must be > 1"),
+    (dict(target_params=1.2), r"target_params=1.2 must be in \(0, 1\)"),
+    (dict(target_speedup=2, on="tpu"), r"unknown provider 'tpu'"),
+    (dict(target_speedup=2, shape="128"), r"shape '128' is not BxS"),
+    (dict(target_speedup=2, shape="0x128"), r"must be >= 1"),
     (dict(target_flops=0.5, examples=0), r"examples must be >= 1"),
 ])
 def test_bad_options(planted, ctx, options, match):
@@ -183,14 +190,16 @@ def test_a_target_below_what_removing_everything_leaves_is_refused(planted, ctx)
 
 
 def test_a_share_is_refused_the_kinds_are_named_with_zero(planted, ctx):
-    with pytest.raises(PruningConfigError, match=r"--sparsity KIND=0 \(got heads=0.5\)"):
+    with pytest.raises(PruningConfigError, match=r"leave --sparsity out or name the kinds .* \(got heads=0.5\)"):
         prune(planted.model, "post-training", {"heads": 0.5}, data=ctx, options=dict(target_flops=0.5))
 
 
 def test_is_registered_as_a_data_method():
     cls = METHODS["post-training"]
     assert cls.needs_data and cls.kinds == ("heads", "neurons", "bottleneck", "adapters")
-    assert list(cls.Options.__dataclass_fields__) == ["target_flops", "examples", "tune"]
+    assert cls.targeted
+    assert list(cls.Options.__dataclass_fields__) == ["target_speedup", "target_flops", "target_params", "on",
+                                                      "shape", "examples", "tune", "latency_rounds"]
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -239,9 +248,74 @@ def test_cli_prune_post_training_writes_masks_and_the_tuned_model(cli_setup):
     assert r.exit_code == 0, r.output + repr(r.exception)
     meta = json.loads((out / "masks.json").read_text())
     assert meta["method"] == "post-training" and meta["trained_model"] == "model"
-    assert meta["params"]["options"] == dict(target_flops=0.5, examples=32, tune=True)
+    assert meta["params"]["options"] == dict(target_speedup=None, target_flops=0.5, target_params=None, on="cpu",
+                                             shape="1x128", examples=32, tune=True, latency_rounds=10)
+    assert meta["target"] == "target_flops" and meta["target_flops"] == 0.5
     assert meta["target_met"] and meta["flops"] <= 0.5 * meta["dense_flops"]
     trained = compressor.load_model(out / "model")
     MaskSet.load(out).check(trained)
     original = compressor.load_model(headed)
     assert copy.deepcopy(trained.state_dict()).keys() == original.state_dict().keys()
+
+
+def test_cli_prune_to_a_speedup_without_sparsity_records_the_prediction(cli_setup, monkeypatch):
+    import json
+
+    invoke, headed, data, tmp = cli_setup
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp / "cache"))
+    out = tmp / "speed"
+    r = invoke("prune", headed, "--method", "post-training", *data, "--target-speedup", "1.2", "--on", "torch-cpu",
+               "--shape", "1x32", "--option", "latency_rounds=2", "--option", "examples=32", "--batch-size", 8,
+               "--out", out)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    meta = json.loads((out / "masks.json").read_text())
+    assert meta["target"] == "target_speedup" and meta["target_speedup"] == 1.2
+    assert meta["on"] == "torch-cpu" and meta["shape"] == "1x32" and meta["target_met"]
+    assert meta["predicted_speedup"] >= 1.2 and meta["predicted_ms"] < meta["predicted_dense_ms"]
+    assert (tmp / "cache" / "latency" / f"{meta['latency_model']}.json").is_file()
+    assert set(meta["counts"]) == set(ALL)  # all four structured kinds compete without --sparsity
+
+
+@pytest.mark.parametrize("args, match", [
+    (("--target-speedup", "1"), "must be > 1"),
+    (("--target-speedup", "2", "--target-flops", "0.5"), "exactly one target"),
+    (("--target-speedup", "2", "--on", "tpu"), "unknown provider 'tpu'"),
+    (("--target-speedup", "2", "--shape", "1by128"), "is not BxS"),
+    (("--target-flops", "0.5", "--option", "target_flops=0.4"), "given twice"),
+    ((), "exactly one target"),
+])
+def test_cli_target_errors_are_one_line(cli_setup, args, match):
+    invoke, headed, data, tmp = cli_setup
+    out = tmp / "bad-target"
+    r = invoke("prune", headed, "--method", "post-training", *data, *args, "--out", out)
+    assert r.exit_code == 2, r.output
+    assert match in r.stderr and "Traceback" not in r.output and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_cli_other_methods_still_need_sparsity(cli_setup):
+    invoke, headed, data, tmp = cli_setup
+    r = invoke("prune", headed, "--out", tmp / "no-sparsity")
+    assert r.exit_code == 2 and "give at least one --sparsity" in r.stderr
+
+
+def test_cli_export_of_a_cpu_speed_target_reports_measured_beside_predicted(cli_setup):
+    """Export times the dense and the pruned graph in plain CPU sessions when the masks carry a latency target on
+    cpu. The masks of the torch-cpu test above, relabelled cpu (building the cpu table exports a graph per
+    configuration: too slow for a unit test); only the record's structure is checked, not the timing."""
+    import json
+    import shutil
+
+    invoke, headed, data, tmp = cli_setup
+    masks, out = tmp / "cpu-speed", tmp / "cpu-speed-onnx"
+    shutil.copytree(tmp / "speed", masks)
+    meta = json.loads((masks / "masks.json").read_text())
+    meta["on"] = "cpu"
+    (masks / "masks.json").write_text(json.dumps(meta))
+    r = invoke("export", headed, "--masks", masks, "--onnx", "--out", out)
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    record = json.loads((out / "speedup.json").read_text())
+    assert record["predicted_speedup"] == meta["predicted_speedup"] and record["target_speedup"] == 1.2
+    assert record["shape"] == "1x32" and record["speedup"] > 0 and record["dense_ms"] > 0
+    assert "measured" in r.output and "predicted" in r.output
+    assert "## Speedup over the dense model" in (out / "export.md").read_text()

@@ -1,5 +1,11 @@
 """`post-training` (Kwon et al., "A Fast Post-Training Pruning Framework for Transformers", NeurIPS 2022): masks
-to a FLOPs target by Fisher importance, then least-squares mask tuning folded into the weights; no retraining.
+to a target by Fisher importance, then least-squares mask tuning folded into the weights; no retraining.
+
+Targets (exactly one): `target_speedup` X > 1, the predicted speedup over the dense (compacted) model on provider
+`on` at `shape` (compressor/latency.py: a measured, cached latency model); `target_flops` F or `target_params` P,
+fractions of the dense (compacted) model's FLOPs per token or parameters. For a speedup the search ranks members
+by Fisher per predicted millisecond saved (LatencyCosts: the slope of the member's layer curve at the current kept
+count); for FLOPs and parameters by Fisher per FLOP / parameter (FlopCosts, described below for FLOPs).
 
 Masks over heads, FFN neurons, adapter bottleneck neurons and fused adapters from `examples` task examples
 (default 1024), without retraining:
@@ -41,8 +47,8 @@ majority class (0.6838): the fused adapters' Fisher per FLOP ranks them below he
 block-wise tuning (it reconstructs the attention and FFN sub-layers and the adapters' up projections, not the
 fusion output) cannot repair. Open.
 
-Kinds: those named with `--sparsity KIND=0` (the share pruned comes from `target_flops`, so a fraction must be
-0), or all four when none is named (library use).
+Kinds: those named with `--sparsity KIND=0` (the share pruned comes from the target, so a fraction must be 0), or
+all four when none is named.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ from ..modeling.architecture import layers_of
 from ..modeling.modules import Bottleneck, Fusion, Intermediate, SelfAttention
 from ..training.heads import num_labels_of
 from ..units import fingerprint, iter_units
+from ..units import unit_key as unit_key_of
 from .methods import PruningMethod, register_method
 
 STRUCTURED = ("heads", "neurons", "bottleneck", "adapters")
@@ -71,27 +78,63 @@ SEQ_LEN = 128
 MAX_SEARCHES = 6
 
 
+TARGETS = ("target_speedup", "target_flops", "target_params")
+
+
 @dataclass
 class PostTrainingOptions:
+    target_speedup: Optional[float] = None  # predicted speedup over the dense (compacted) model on `on` (> 1)
     target_flops: Optional[float] = None  # fraction of the dense (compacted) model's FLOPs per token to keep
+    target_params: Optional[float] = None  # fraction of the dense (compacted) model's parameters to keep
+    on: str = "cpu"  # the latency model's provider: cpu | cuda | torch-cpu | torch-cuda
+    shape: str = "1x128"  # the latency model's batch x sequence length
     examples: int = 1024  # task examples for the Fisher and the mask tuning
     tune: bool = True  # least-squares mask tuning, folded into the weights
+    latency_rounds: int = 10  # interleaved timing rounds when the latency model is built
 
     def __post_init__(self):
-        if self.target_flops is None:
-            raise PruningConfigError("post-training needs a FLOPs target: --option target_flops=F, the fraction of "
-                                     "the dense model's FLOPs per token to keep (0 < F < 1)")
+        given = [t for t in TARGETS if getattr(self, t) is not None]
+        if len(given) != 1:
+            raise PruningConfigError("post-training needs exactly one target: --target-speedup X (> 1), "
+                                     "--target-flops F or --target-params P (fractions of dense in (0, 1))"
+                                     + (f"; got {' and '.join(given)}" if given else ""))
+        self.target = given[0]
         try:
-            self.target_flops = float(self.target_flops)
+            value = float(getattr(self, self.target))
         except (TypeError, ValueError):
-            raise PruningConfigError(f"post-training: target_flops must be a number, got {self.target_flops!r}") \
-                from None
-        if not 0.0 < self.target_flops < 1.0 or math.isnan(self.target_flops):
-            raise PruningConfigError(f"post-training: target_flops={self.target_flops} must be in (0, 1), the "
-                                     "fraction of the dense model's FLOPs per token to keep")
+            raise PruningConfigError(f"post-training: {self.target} must be a number, got "
+                                     f"{getattr(self, self.target)!r}") from None
+        setattr(self, self.target, value)
+        if self.target == "target_speedup":
+            if not value > 1.0 or math.isinf(value):
+                raise PruningConfigError(f"post-training: target_speedup={value} must be > 1 (2 = twice as fast as "
+                                         "the dense model)")
+        elif not 0.0 < value < 1.0 or math.isnan(value):
+            what = "FLOPs per token" if "flops" in self.target else "parameters"
+            raise PruningConfigError(f"post-training: {self.target}={value} must be in (0, 1), the fraction of "
+                                     f"the dense model's {what} to keep")
+        from ..latency import PROVIDERS, parse_shape
+
+        self.on = str(self.on).strip().lower()
+        if self.on not in PROVIDERS:
+            raise PruningConfigError(f"post-training: unknown provider '{self.on}' (--on); choose one of "
+                                     f"{', '.join(PROVIDERS)}")
+        b, q = parse_shape(self.shape)
+        self.shape = f"{b}x{q}"
         if int(self.examples) < 1:
             raise PruningConfigError(f"post-training: examples must be >= 1, got {self.examples}")
         self.examples = int(self.examples)
+        if int(self.latency_rounds) < 1:
+            raise PruningConfigError(f"post-training: latency_rounds must be >= 1, got {self.latency_rounds}")
+        self.latency_rounds = int(self.latency_rounds)
+
+
+def real_params(model: nn.Module, masks: Optional[dict] = None) -> int:
+    """Parameters of `model` compacted under `masks` (None: only the exact folds)."""
+    from ..compaction import compact
+
+    maskset = MaskSet(masks, fingerprint(model)) if masks is not None else None
+    return int(total_cost(compact(model, maskset), SEQ_LEN)["params"])
 
 
 def real_flops(model: nn.Module, masks: Optional[dict] = None) -> int:
@@ -226,25 +269,102 @@ def _adapter_bottlenecks(model: nn.Module, units: list) -> dict:
     return out
 
 
-def greedy_search(model: nn.Module, units: list, scores: dict, need: float, min_keep: int) -> dict:
-    """Remove the member with the lowest Fisher per FLOP saved until the estimated savings reach `need`.
-    Adapters' costs change as their bottleneck neurons go (lazy heap). Deterministic: ties break by key, index."""
-    h = model.base_model.config.hidden_size
-    costs = member_costs(model, units)
+class FlopCosts:
+    """What one member saves when removed, in FLOPs per token (or, with `params=True`, parameters): the estimate
+    the greedy search ranks by. A fused adapter saves its fusion share plus its still-kept bottleneck neurons (and
+    its gate); a bottleneck neuron of a removed adapter saves nothing more."""
+
+    def __init__(self, model: nn.Module, units: list, params: bool = False):
+        h = model.base_model.config.hidden_size
+        self.costs = member_costs(model, units)
+        if params:
+            for u in units:
+                d = model.get_submodule(u.module_path).attention_head_size if u.kind == "heads" else 1
+                self.costs[u.key] = dict(heads=4 * h * d + 3 * d, adapters=h).get(u.kind, 2 * h + 1)
+        self.per_neuron = 2 * h + 1 if params else 4 * h
+        self.gate = 2 * h if not params else h + 1
+        self.adapters = _adapter_bottlenecks(model, units)
+        self.owner = {v[0]: k for k, v in self.adapters.items() if v[0] is not None}
+
+    def __call__(self, key: str, i: int, keep: dict) -> float:
+        if (key, i) in self.adapters:
+            bkey, width, gate = self.adapters[(key, i)]
+            kept = int(keep[bkey].sum()) if bkey is not None else width
+            return self.costs[key] + self.per_neuron * kept + (self.gate if gate else 0)
+        if key in self.owner and not bool(keep[self.owner[key][0]][self.owner[key][1]]):
+            return 0  # the adapter is gone: its bottleneck neurons save nothing more
+        return self.costs[key]
+
+
+class LatencyCosts:
+    """What one member saves when removed, in predicted milliseconds (compressor/latency.py): the slope of its
+    layer's piecewise-linear curve at the current kept count. A fused adapter saves its fusion share plus the
+    site's width curve over its kept bottleneck neurons. Never below `floor` (flat segments still rank)."""
+
+    def __init__(self, model: nn.Module, units: list, latency):
+        from ..latency import SITES
+
+        self.lm, self.adapters = latency, _adapter_bottlenecks(model, units)
+        self.owner = {v[0]: k for k, v in self.adapters.items() if v[0] is not None}
+        self.floor = 1e-9 * latency.dense_ms()
+        self.where, self.sizes = {}, {u.key: u.size for u in units}
+        paths = {id(m): p for p, m in model.named_modules()}
+        self.site_of = {}  # site path -> (layer, site name, fusion key or None, [(name, bottleneck key, width)])
+        for li, layer in enumerate(layers_of(model)):
+            self.where[unit_key_of(paths[id(layer.attention.self)], "heads")] = (li, "heads")
+            self.where[unit_key_of(paths[id(layer.intermediate)], "neurons")] = (li, "neurons")
+            for sname, site in zip(SITES, (layer.attention.output, layer.output)):
+                if site.active is None:
+                    continue
+                spath = paths[id(site)]
+                names = list(site.active[2]) if site.active[0] == "fuse" else [site.active[1]]
+                fkey = unit_key_of(f"{spath}.adapter_fusion_layer.{site.active[1]}", "adapters") \
+                    if site.active[0] == "fuse" else None
+                members = [(n, unit_key_of(f"{spath}.adapters.{n}", "bottleneck"), site.adapters[n].width)
+                           for n in names]
+                info = (li, sname, fkey, members)
+                if fkey is not None:
+                    self.where[fkey] = info
+                for _, bkey, _ in members:
+                    self.where[bkey] = info
+
+    def _site(self, info, keep):
+        """Kept adapters (indices) and the site's kept width."""
+        li, sname, fkey, members = info
+        alive = [j for j in range(len(members)) if fkey is None or fkey not in keep or bool(keep[fkey][j])]
+        widths = [int(keep[b].sum()) if b in keep else w for _, b, w in members]
+        return alive, widths
+
+    def __call__(self, key: str, i: int, keep: dict) -> float:
+        info = self.where[key]
+        if len(info) == 2:
+            li, kind = info
+            n = int(keep[key].sum())
+            return max(self.lm.delta(li, kind, n) - self.lm.delta(li, kind, n - 1), self.floor)
+        li, sname, fkey, members = info
+        alive, widths = self._site(info, keep)
+        total = sum(widths[j] for j in alive)
+        width = f"{sname}:width"
+        if key == fkey:
+            k = len(alive)
+            a = f"{sname}:adapters"
+            share = self.lm.delta(li, a, k) - self.lm.delta(li, a, k - 1)
+            return max(share + self.lm.delta(li, width, total) - self.lm.delta(li, width, total - widths[i]),
+                       self.floor)
+        j = next(j for j, m in enumerate(members) if m[1] == key)
+        if j not in alive:
+            return 0  # the adapter is gone: its bottleneck neurons save nothing more
+        return max(self.lm.delta(li, width, total) - self.lm.delta(li, width, total - 1), self.floor)
+
+
+def greedy_search(model: nn.Module, units: list, scores: dict, need: float, min_keep: int, cost=None) -> dict:
+    """Remove the member with the lowest Fisher per unit of cost saved until the estimated savings reach `need`.
+    `cost(key, i, keep)`: what removing member i of unit `key` saves now (default FlopCosts). Costs change as
+    members go (an adapter's with its bottleneck neurons, a latency slope with the kept count): a lazy heap
+    re-ranks a member whose cost changed when it comes up. Deterministic: ties break by key, index."""
+    cost = cost or FlopCosts(model, units)
     keep = {u.key: torch.ones(u.size, dtype=torch.bool) for u in units}
     left = {u.key: u.size for u in units}
-    adapters = _adapter_bottlenecks(model, units)
-    owner = {v[0]: k for k, v in adapters.items() if v[0] is not None}  # bottleneck key -> (fusion key, index)
-    removed_adapter = set()
-
-    def cost_of(key, i):
-        if (key, i) in adapters:
-            bkey, width, extra = adapters[(key, i)]
-            kept = int(keep[bkey].sum()) if bkey is not None else width
-            return costs[key] + 4 * h * kept + extra
-        if key in owner and owner[key] in removed_adapter:
-            return 0  # the adapter is gone: its bottleneck neurons save nothing more
-        return costs[key]
 
     def priority(key, i, c):
         s = float(scores[key].flatten()[i])
@@ -253,14 +373,14 @@ def greedy_search(model: nn.Module, units: list, scores: dict, need: float, min_
     heap = []
     for u in units:
         for i in range(u.size):
-            c = cost_of(u.key, i)
+            c = cost(u.key, i, keep)
             heap.append((priority(u.key, i, c), u.key, i, c))
     heapq.heapify(heap)
     saved = 0.0
     while heap and saved < need:
         p, key, i, c = heapq.heappop(heap)
-        now = cost_of(key, i)
-        if now != c:  # stale: an adapter lost bottleneck neurons, or a neuron's adapter went
+        now = cost(key, i, keep)
+        if now != c:  # stale: the member's cost changed since it was ranked
             heapq.heappush(heap, (priority(key, i, now), key, i, now))
             continue
         if c == 0 or left[key] <= min_keep:
@@ -268,8 +388,6 @@ def greedy_search(model: nn.Module, units: list, scores: dict, need: float, min_
         keep[key][i] = False
         left[key] -= 1
         saved += c
-        if (key, i) in adapters:
-            removed_adapter.add((key, i))
     return {u.key: keep[u.key].view(u.shape) for u in units}
 
 
@@ -495,13 +613,50 @@ class PostTraining(PruningMethod):
     scope = "global"
     Options = PostTrainingOptions
 
+    targeted = True  # prunes to a target option: --sparsity may be left out (all four kinds compete)
+
     def __init__(self, config, options=None):
         super().__init__(config, options)
         nonzero = sorted(k for k, f in config.sparsity.items() if f != 0)
         if nonzero:
-            raise PruningConfigError(f"post-training prunes to --option target_flops, not to a share: give the kinds "
+            raise PruningConfigError(f"post-training prunes to a target (--target-speedup, --target-flops, "
+                                     f"--target-params), not to a share: leave --sparsity out or name the kinds "
                                      f"that compete as --sparsity KIND=0 (got {nonzero[0]}="
                                      f"{config.sparsity[nonzero[0]]})")
+        if self.options.target == "target_speedup":
+            from ..latency import check_provider
+
+            check_provider(self.options.on)  # available here, before any work
+
+    def _objective(self, model: nn.Module, units: list, kinds: set) -> dict:
+        """What the target constrains: measure(masks) (FLOPs, parameters or predicted ms of the compacted model),
+        the dense value, the target value, the search's cost estimate, and what the masks record."""
+        opts, cfg = self.options, self.config
+        floor_m = floor_masks(units, cfg.min_keep)
+        what = ", ".join(sorted(kinds))
+        if opts.target == "target_speedup":
+            from ..latency import latency_model
+
+            lm = latency_model(model, opts.on, opts.shape, rounds=opts.latency_rounds)
+            measure = lambda masks: lm.predict(model, masks)["latency_ms"]  # noqa: E731
+            dense = lm.dense_ms()
+            most = dense / measure(floor_m)
+            if opts.target_speedup > most:
+                raise PruningConfigError(f"post-training: target_speedup={opts.target_speedup} is above "
+                                         f"{most:.2f}, the predicted speedup of removing every prunable unit "
+                                         f"({what}) on {opts.on} at {opts.shape}")
+            return dict(measure=measure, dense=dense, target=dense / opts.target_speedup,
+                        cost=LatencyCosts(model, units, lm), latency=lm)
+        params = opts.target == "target_params"
+        measure = (lambda masks: real_params(model, masks)) if params else (lambda masks: real_flops(model, masks))
+        dense, floor = measure(None), measure(floor_m)
+        target = getattr(opts, opts.target) * dense
+        if target < floor:
+            raise PruningConfigError(f"post-training: {opts.target}={getattr(opts, opts.target)} is below "
+                                     f"{floor / dense:.4f}, what removing every prunable unit ({what}) leaves of the "
+                                     f"dense model's {dense} {'parameters' if params else 'FLOPs per token'}")
+        return dict(measure=measure, dense=dense, target=target, cost=FlopCosts(model, units, params=params),
+                    latency=None)
 
     def run(self, model: nn.Module, data=None) -> MaskSet:
         opts, cfg = self.options, self.config
@@ -513,13 +668,8 @@ class PostTraining(PruningMethod):
         if not units:
             raise PruningConfigError(f"post-training: the model has no unit of kind {', '.join(sorted(kinds))}")
         loaded = int(total_cost(model, SEQ_LEN)["flops_per_token"])
-        dense = real_flops(model)
-        target = opts.target_flops * dense
-        floor = real_flops(model, floor_masks(units, cfg.min_keep))
-        if target < floor:
-            raise PruningConfigError(f"post-training: target_flops={opts.target_flops} is below {floor / dense:.4f}, "
-                                     f"what removing every prunable unit ({', '.join(sorted(kinds))}) leaves of "
-                                     f"the dense model's {dense} FLOPs per token")
+        objective = self._objective(model, units, kinds)
+        measure, dense, target = objective["measure"], objective["dense"], objective["target"]
         batches = sample_batches(data, opts.examples, cfg.seed)
         n_layers = len(layers_of(model))
         work = copy.deepcopy(model).eval()
@@ -534,9 +684,9 @@ class PostTraining(PruningMethod):
             t1 = time.perf_counter()
             need, searches = dense - target, []
             for _ in range(MAX_SEARCHES):
-                masks = greedy_search(work, units, scores, need, cfg.min_keep)
-                achieved = real_flops(work, masks)
-                searches.append(dict(estimated_savings=round(need), flops=achieved))
+                masks = greedy_search(work, units, scores, need, cfg.min_keep, objective["cost"])
+                achieved = measure(masks)
+                searches.append(dict(estimated_savings=float(f"{need:.6g}"), achieved=float(f"{achieved:.6g}")))
                 if achieved <= target:
                     break
                 need += achieved - target
@@ -553,13 +703,21 @@ class PostTraining(PruningMethod):
                 for u in units:
                     work.get_submodule(u.module_path).set_mask(u.kind, None)
         seconds = dict(fisher=round(t1 - t0, 2), search=round(t2 - t1, 2), tuning=round(time.perf_counter() - t2, 2))
+        flops, dense_flops = real_flops(model, masks), real_flops(model)
         extra = dict(
-            seconds=seconds, target_flops=opts.target_flops, dense_flops=dense, loaded_flops=loaded, flops=achieved,
-            flops_fraction=round(achieved / dense, 6), target_met=achieved <= target, searches=searches,
+            seconds=seconds, target=opts.target, **{opts.target: getattr(opts, opts.target)},
+            dense_flops=dense_flops, loaded_flops=loaded, flops=flops, flops_fraction=round(flops / dense_flops, 6),
+            target_met=achieved <= target, searches=searches,
             examples=sum(int(b["input_ids"].shape[0]) for b in batches),
             fisher={u.key: [float(f"{x:.6g}") for x in scores[u.key].flatten()] for u in units
                     if u.kind != "neurons" and u.size <= 64},
             tuning=[dict(t, error_before=float(f"{t['error_before']:.6g}"),
                          error_after=float(f"{t['error_after']:.6g}")) for t in tuning],
         )
+        if opts.target == "target_params":
+            extra.update(dense_params=dense, params=achieved, params_fraction=round(achieved / dense, 6))
+        lm = objective["latency"]
+        if lm is not None:
+            extra.update(on=opts.on, shape=opts.shape, latency_model=lm.key, predicted_dense_ms=round(dense, 6),
+                         predicted_ms=round(achieved, 6), predicted_speedup=round(dense / achieved, 4))
         return MaskSet(masks, fingerprint(model), self.name, extra=extra, model=work.eval() if opts.tune else None)
