@@ -155,7 +155,8 @@ def train_config(req, seed: int = 0, **extra):
 # the CLI flag of each method option that has one; any other is `--option KEY=VALUE`
 METHOD_FLAGS = {"criterion": "--criterion", "rounds": "--rounds", "rewind_step": "--rewind-step",
                 "max_drop": "--max-drop", "widen": "--widen", "objective": "--objective", "examples": "--examples",
-                "adapter_width": "--adapter-width"}
+                "adapter_width": "--adapter-width", "target_speedup": "--target-speedup",
+                "target_flops": "--target-flops", "target_params": "--target-params", "on": "--on", "shape": "--shape"}
 
 
 def method_options_help(cls) -> str:
@@ -252,15 +253,19 @@ def prune(req: PruneRequest, progress: Progress = None) -> PruneResult:
     from .pruning import parse_sparsity
     from .pruning import prune as run_prune
 
+    from .pruning import METHODS
+
     say = _say(progress)
     sparsity = req.sparsity
-    fractions = parse_sparsity([f"{k}={v}" for k, v in sparsity.items()] if hasattr(sparsity, "items")
+    # a method that prunes to a target (post-training) needs no --sparsity: every kind it prunes competes
+    fractions = {} if not sparsity and getattr(METHODS.get_or_fail(req.method), "targeted", False) else parse_sparsity([f"{k}={v}" for k, v in sparsity.items()] if hasattr(sparsity, "items")
                                else ([sparsity] if isinstance(sparsity, str) else sparsity))
     flags = {key: getattr(req, key) for key in METHOD_FLAGS}
     options = method_options(req.method, flags, req.options)
     min_keep = 0 if req.allow_empty else 1
     check_prune_args(req.method, fractions, seed=req.seed, min_keep=min_keep, options=options,
                      has_data=req.data is not None)
+    recovery = _check_recover(req, fractions)
     config = train_config(req, seed=req.seed)
     inputs = _inputs(req)
     check_output_dir(req.out, req.overwrite, inputs=inputs)
@@ -273,11 +278,72 @@ def prune(req: PruneRequest, progress: Progress = None) -> PruneResult:
         ctx = _load_task(req, tokenizer, config, req.max_train_examples, req.max_dev_examples, progress)
     say(f"pruning ({req.method})")
     masks = run_prune(model, req.method, fractions, seed=req.seed, min_keep=min_keep, data=ctx, options=options)
+    if recovery is not None:
+        say(f"recovery ({req.recover})")
+        _recover(req, model, masks, ctx, *recovery)
     say("writing")
     with contextlib.ExitStack() as stack:
         tokenizer_dir = tokenizer_dir_for_outputs(stack, tokenizer if req.tokenizer is not None else None, source)
         save_prune_result(masks, req.out, overwrite=req.overwrite, tokenizer_dir=tokenizer_dir, inputs=inputs)
     return _prune_result(req, masks, ctx)
+
+
+def kd_config(req):
+    """The training.KDConfig of a request's DistillOptions (None fields: KDConfig's defaults)."""
+    from .training.objectives import KDConfig
+
+    given = dict(temperature=req.kd_temperature, logits_weight=req.kd_logits_weight,
+                 hidden_weight=req.kd_hidden_weight, layers=KDConfig.parse_layers(req.kd_layers))
+    return KDConfig(**{k: v for k, v in given.items() if v is not None})
+
+
+def _kd_options_given(req) -> bool:
+    return any(getattr(req, f) is not None for f in ("kd_temperature", "kd_logits_weight", "kd_hidden_weight",
+                                                     "kd_layers"))
+
+
+def _check_recover(req: PruneRequest, fractions: Optional[dict] = None) -> Optional[tuple]:
+    """(recovery kind, what trains, KDConfig) of `--recover`, checked before any work; None without it."""
+    from .errors import TrainingError
+    from .training.recovery import DEFAULT_PARTS, get_recovery
+
+    if req.recover is None:
+        if req.train is not None or req.recover_steps is not None or _kd_options_given(req):
+            raise TrainingError("--train, --recover-steps and --kd-* set up recovery training: add --recover "
+                                "kd (or --recover task)")
+        return None
+    recovery = get_recovery(req.recover)
+    if req.data is None:
+        raise TrainingError(f"--recover {req.recover} trains on the task's training texts: pass --data")
+    if "weights" in (fractions or {}):
+        raise TrainingError("--recover holds structured masks (heads, neurons, adapters, bottleneck), not weight "
+                            "masks: drop --recover, or prune structured kinds")
+    if req.recover_steps is not None and req.recover_steps < 0:
+        raise TrainingError(f"--recover-steps must be >= 0, got {req.recover_steps}")
+    if not recovery.distils and _kd_options_given(req):
+        raise TrainingError(f"the --kd-* options apply to --recover kd, not --recover {req.recover}")
+    parts = parse_train_choice(req.train) if req.train is not None else list(DEFAULT_PARTS)
+    return recovery, parts, kd_config(req) if recovery.distils else None
+
+
+def _recover(req: PruneRequest, model: nn.Module, masks: MaskSet, ctx, recovery, parts, kd) -> None:
+    """Recovery training of the pruned model (the one the method trained, if any) under `masks`, the dense
+    `model` as the teacher; the result becomes `masks.model` (written to OUT/model), recorded in masks.json."""
+    from dataclasses import asdict
+
+    from .masks import masked_copy
+    from .training.heads import num_labels_of
+    from .training.recovery import recover
+
+    student = masks.model if masks.model is not None else model
+    recovered, summary = recover(student, masks, ctx, recovery.name, parts, steps=req.recover_steps, teacher=model,
+                                 kd=kd)
+    masks.model = recovered
+    record = dict(kind=recovery.name, train=parts, steps=summary["steps"], loss=summary["loss"],
+                  resumed=summary["resumed"], kd=asdict(kd) if kd is not None else None)
+    if num_labels_of(recovered) is not None:
+        record["dev_metrics"] = ctx.evaluate(masked_copy(recovered, masks))
+    masks.extra["recovery"] = record
 
 
 def _prune_result(req: PruneRequest, masks: MaskSet, ctx) -> PruneResult:
@@ -294,12 +360,15 @@ def _prune_result(req: PruneRequest, masks: MaskSet, ctx) -> PruneResult:
     if extra.get("metric") is not None and main not in dev:
         rows.append((f"{main}, pruned", extra["metric"]))
     rows += [(f"{name}, pruned", value) for name, value in dev.items()]
+    recovery = extra.get("recovery")
+    rows += [(f"{name}, recovered ({recovery['kind']})", value)
+             for name, value in ((recovery or {}).get("dev_metrics") or {}).items()]
     trained = out / TRAINED_MODEL_DIR if masks.model is not None else None
     return PruneResult(out=out, method=req.method, seed=req.seed, masks=masks, groups=groups, counts=masks.counts(),
                        metrics=rows, task=ctx.spec.ref if ctx is not None else None,
                        dev_examples=len(ctx.dev_set) if ctx is not None else None,
                        stopped_early=str(extra["stopped_early"]) if extra.get("stopped_early") else None,
-                       trained_model=trained,
+                       trained_model=trained, recovery=recovery,
                        files=[out / TENSORS_FILE, out / META_FILE] + ([trained] if trained is not None else []))
 
 
@@ -386,6 +455,7 @@ def export(req: ExportRequest, progress: Progress = None) -> ExportResult:
                           allow_mismatch=req.allow_mismatch, seed=req.seed, variants=req.variants)
     inputs = _inputs(req)
     check_output_dir(req.out, req.overwrite, inputs=inputs)
+    _check_int8_options(req, config)
     if req.data is not None:
         from exporters.variants import VARIANTS
 
@@ -402,35 +472,73 @@ def export(req: ExportRequest, progress: Progress = None) -> ExportResult:
         eval_data = _load_task(req, tokenizer, data_config, None, req.max_dev_examples, progress)
         check_head(model, eval_data.spec)
     _say(progress)("exporting")
+    speedup = None
     with contextlib.ExitStack() as stack:
         tokenizer_dir = tokenizer_dir_for_outputs(stack, tokenizer if req.tokenizer is not None else None, source)
-        stack.enter_context(_int8_setup(req, config, eval_data, progress))
+        stack.enter_context(_int8_setup(req, config, eval_data, progress, _max_length(model, req.max_length)))
+        # masks pruned to a cpu speed target: the dense graph, for the measured speedup (exporters/speedup.py)
+        dense_graph = _dense_graph_for_speedup(model, maskset, stack)
+        # owned: the model was loaded here and is not used after, so it is compacted in place, not copied
         result = export_onnx(model, req.out, maskset, config, overwrite=req.overwrite, tokenizer_dir=tokenizer_dir,
-                             progress=progress, eval_data=eval_data)
+                             progress=progress, eval_data=eval_data, owned=True)
+        del model
+        if dense_graph is not None:
+            from exporters.export_summary import add_speedup
+            from exporters.speedup import measure_speedup
+
+            from .latency import parse_shape
+
+            _say(progress)(f"timing the dense and the pruned graph (cpu, {maskset.extra['shape']})")
+            speedup = add_speedup(req.out, maskset.extra, measure_speedup(
+                None, Path(req.out) / result.files["model"], parse_shape(maskset.extra["shape"]),
+                dense_graph=dense_graph))
     attention = []
     if req.optimize:
         from exporters.export_summary import attention_rows
         attention = attention_rows(result)
     return ExportResult(out=Path(req.out), export=result, optimize=req.optimize, atol=req.atol, attention=attention,
-                        notes=notes)
+                        notes=notes, speedup=speedup)
 
 
-def _int8_setup(req: ExportRequest, config, eval_data, progress: Progress):
+def _dense_graph_for_speedup(model: nn.Module, maskset, stack) -> Optional[Path]:
+    """The dense model's graph in a temporary directory of `stack` when `maskset` carries a latency target on
+    cpu (post-training --target-speedup): export then reports the measured speedup beside the predicted one."""
+    if maskset is None or maskset.extra.get("target") != "target_speedup" or maskset.extra.get("on") != "cpu":
+        return None
+    import tempfile
+
+    from .compaction import compact
+    from .latency import onnx_graph
+
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dense-graph-")))
+    return onnx_graph(compact(model), tmp / "dense.onnx")
+
+
+def _check_int8_options(req: ExportRequest, config) -> set:
+    """The int8 variants asked for; their options checked (one-line errors before any work)."""
+    from exporters.quantization import Int8Setup
+
+    from .errors import ExportError
+
+    wants = {"int8", "int8-static"} & set(config.variants)
+    Int8Setup(keep=req.int8_keep_fp32, calibration_examples=req.calibration_examples)
+    if req.int8_keep_fp32 is not None and not (wants and (req.data is not None or "int8-static" in wants)):
+        raise ExportError("--int8-keep-fp32 applies to a measured int8 graph: add --data with --quantize int8, or "
+                          "--variant int8-static")
+    return wants
+
+
+def _int8_setup(req: ExportRequest, config, eval_data, progress: Progress, max_length: int):
     """What the int8 variants calibrate and measure on (exporters/quantization.py): with --data, the task's
     training rows in one seeded shuffle (seed 0), never its dev rows."""
     import random
 
     from exporters import quantization as q
 
-    from .errors import ExportError
-
-    wants = {"int8", "int8-static"} & set(config.variants)
-    if req.int8_keep_fp32 is not None and not (wants and (req.data is not None or "int8-static" in wants)):
-        raise ExportError("--int8-keep-fp32 applies to a measured int8 graph: add --data with --quantize int8, or "
-                          "--variant int8-static")
+    wants = _check_int8_options(req, config)
     if not wants or eval_data is None:
         return q.int8_setup(q.Int8Setup(keep=req.int8_keep_fp32, calibration_examples=req.calibration_examples,
-                                        progress=_say(progress)))
+                                        max_length=max_length, progress=_say(progress)))
     rows = list(eval_data.data.train)
     random.Random(0).shuffle(rows)
     setup = q.setup_from_examples(rows, eval_data.tokenizer, eval_data.config.max_length,
@@ -489,28 +597,56 @@ def parse_train_choice(what) -> list:
     return parts
 
 
-def train_model(model: nn.Module, ctx, what, new_head: bool = False, seed: int = 0) -> tuple:
+def train_model(model: nn.Module, ctx, what, new_head: bool = False, seed: int = 0, teacher: nn.Module = None,
+                kd=None, maskset: Optional[MaskSet] = None) -> tuple:
     """Give `model` a head that fits the task (a fresh one with `new_head`), train `what` on ctx's training
-    data, evaluate on dev before and after. Returns (model, record)."""
+    data (against the task loss, or by distillation from `teacher` with `kd`, a training.KDConfig), under
+    `maskset`'s structured masks when given (taken off again after), evaluate on dev before and after.
+    Returns (model, record)."""
+    from .evaluation import mean_kl
+    from .masks import apply_masks
     from .training import train
     from .training.heads import ensure_head
+    from .training.loop import predict
+    from .training.objectives import Distillation
+    from .training.recovery import check_teacher, remove_masks
     from .training.trainable import select_trainable
 
     parts = parse_train_choice(what)
+    if maskset is not None and model.compress_manifest["model_class"] == "encoder":
+        from .errors import TrainingError  # a new head would re-root the module paths the masks name
+        raise TrainingError("--masks: the model has no prediction head; train one first (compress train "
+                            "--train head), then prune it")
     if new_head:
         model = drop_head(model)
     model = ensure_head(model, ctx.spec, seed=seed)
+    if maskset is not None:
+        apply_masks(model, maskset)
+    loss, kl = ctx.loss, {}
+    if teacher is not None:
+        check_teacher(model, teacher, kd)
+        loss = Distillation(teacher, kd)
+        reference = predict(teacher, ctx.dev_set, ctx.collate)[0] if kd.logits_weight > 0 else None
     before = ctx.evaluate(model)
+    if teacher is not None and reference is not None:
+        kl["dev_kl_before"] = mean_kl(reference, predict(model, ctx.dev_set, ctx.collate)[0])
     params = select_trainable(model, parts)
-    summary = train(model, ctx.train_set, ctx.collate, ctx.loss, ctx.config, params, stage="train")
+    summary = train(model, ctx.train_set, ctx.collate, loss, ctx.config, params, stage="train")
     after = ctx.evaluate(model)
+    if teacher is not None and reference is not None:
+        kl["dev_kl_after"] = mean_kl(reference, predict(model, ctx.dev_set, ctx.collate)[0])
     for p in model.parameters():
         p.requires_grad_(False)
     record = dict(train=parts, new_head=new_head, head=getattr(model, "active_head", None),
                   trainable_parameters=sum(p.numel() for p in params), config=ctx.config.to_dict(),
                   data=dict(ctx.describe(), task=ctx.spec.ref, main_metric=ctx.spec.main_metric),
                   steps=summary["steps"], loss=summary["loss"], seconds=summary["seconds"],
-                  resumed=summary["resumed"], dev_before=before, dev_after=after)
+                  resumed=summary["resumed"], dev_before=before, dev_after=after, **kl)
+    if teacher is not None:
+        from dataclasses import asdict
+        record["kd"] = asdict(kd)
+    if maskset is not None:
+        remove_masks(model, maskset)
     return model.eval(), record
 
 
@@ -530,16 +666,36 @@ def save_trained(model: nn.Module, record: dict, out, overwrite: bool = False, t
 def train(req: TrainRequest, progress: Progress = None) -> TrainResult:
     """`compress train`: train adapters, the fusion and / or a head on a task; dev metrics before and after;
     writes the trained model with its tokenizer and train.json."""
+    from .errors import TrainingError
+
     parts = parse_train_choice(req.train)
     config = train_config(req, seed=req.seed)
-    inputs = _inputs(req)
+    if req.teacher is None and _kd_options_given(req):
+        raise TrainingError("the --kd-* options set up distillation: add --teacher DIR (the dense model)")
+    kd = kd_config(req) if req.teacher is not None else None
+    inputs = _inputs(req, req.teacher)
     check_output_dir(req.out, req.overwrite, inputs=inputs)
-    model, source = _load(req, progress)
+    model, maskset, source, notes = _load_with_masks(req, req.masks, progress)
+    teacher = None
+    if req.teacher is not None:
+        from .modeling import load_model
+
+        from .training.recovery import check_teacher
+
+        _say(progress)("loading the teacher")
+        teacher = load_model(req.teacher)
+        check_teacher(model, teacher, kd, labels=False)  # the labels once the student has its head
     tokenizer = load_tokenizer(source, model, req.tokenizer)
     config = replace(config, max_length=_max_length(model, req.max_length))
     ctx = _load_task(req, tokenizer, config, req.max_train_examples, req.max_dev_examples, progress)
-    _say(progress)(f"training ({','.join(parts)})")
-    model, record = train_model(model, ctx, parts, new_head=req.new_head, seed=req.seed)
+    _say(progress)(f"training ({','.join(parts)}{', distilled' if teacher is not None else ''})")
+    model, record = train_model(model, ctx, parts, new_head=req.new_head, seed=req.seed, teacher=teacher, kd=kd,
+                                maskset=maskset)
+    if maskset is not None:  # the masks are part of the result: pruned units removed (invariant 1)
+        model = compact_model(model, maskset)
+        record["masks"] = dict(path=str(req.masks), method=maskset.method, counts=maskset.counts())
+    if req.teacher is not None:
+        record["teacher"] = str(req.teacher)
     record["model"] = str(req.model) if req.model is not None else "default"
     if req.tokenizer is not None:
         record["tokenizer"] = str(req.tokenizer)
@@ -548,7 +704,7 @@ def train(req: TrainRequest, progress: Progress = None) -> TrainResult:
         tokenizer_dir = tokenizer_dir_for_outputs(stack, tokenizer if req.tokenizer is not None else None, source)
         save_trained(model, record, req.out, overwrite=req.overwrite, tokenizer_dir=tokenizer_dir, inputs=inputs)
     return TrainResult(out=Path(req.out), parts=parts, record=record, task=ctx.spec.ref,
-                       train_examples=len(ctx.train_set), dev_examples=len(ctx.dev_set))
+                       train_examples=len(ctx.train_set), dev_examples=len(ctx.dev_set), notes=notes)
 
 
 DENSE = "dense"  # `compress eval --against dense`: the model before its --masks
@@ -753,7 +909,15 @@ def evaluate(req: EvalRequest, progress: Progress = None) -> EvalResult:
         cand.tokenizer = load_tokenizer(source, model, req.tokenizer)
     ref = None
     if against == DENSE:
-        ref = _EvalSide(f"{source} (dense)", model=model, tokenizer_dir=cand.tokenizer_dir)
+        dense, dense_source = model, source
+        if req.masks is not None and read_masks(req.masks)[1] is not None:
+            # the masks' method changed weights (mask tuning, recovery): dense is the model they were pruned from,
+            # MODEL as given, not the changed weights without their masks
+            dense, dense_source = _load(req, progress)
+            maskset.check(dense)
+            notes.append(f"--against dense: {dense_source}, the model the masks were made from (the candidate's "
+                         "weights were changed with them)")
+        ref = _EvalSide(f"{dense_source} (dense)", model=dense, tokenizer_dir=cand.tokenizer_dir)
         ref.tokenizer = cand.tokenizer
     elif against is not None:
         say("loading the reference")

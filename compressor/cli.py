@@ -72,6 +72,15 @@ CHECKPOINT_DIR_OPT = typer.Option(None, "--checkpoint-dir", help="Save each trai
 RESUME_OPT = typer.Option(False, "--resume", help="Continue an interrupted run from --checkpoint-dir: finished "
                                                   "stages are loaded, not trained again.")
 
+# distillation from a dense teacher (prune --recover kd, train --teacher); the loss and its defaults are
+# described once, in training.objectives.KDConfig (README points there)
+KD_TEMPERATURE_OPT = typer.Option(None, "--kd-temperature", help="KD: softmax temperature T of the logits KL "
+                                                                 "(scaled by T^2).")
+KD_LOGITS_OPT = typer.Option(None, "--kd-logits-weight", help="KD: weight of the logits KL.")
+KD_HIDDEN_OPT = typer.Option(None, "--kd-hidden-weight", help="KD: weight of the layer-output MSE (real tokens).")
+KD_LAYERS_OPT = typer.Option(None, "--kd-layers", help="KD: layers whose outputs are matched, 0-based, e.g. 1,3,5. "
+                                                       "Default: all.")
+
 
 def _first_sentence(text: str, limit: int = 110) -> str:
     import re
@@ -225,6 +234,11 @@ def _budget(max_steps, epochs, batch_size, learning_rate, max_length, checkpoint
                 max_length=max_length, checkpoint_dir=checkpoint_dir, resume=resume)
 
 
+def _kd(temperature, logits_weight, hidden_weight, layers) -> dict:
+    return dict(kd_temperature=temperature, kd_logits_weight=logits_weight, kd_hidden_weight=hidden_weight,
+                kd_layers=layers)
+
+
 # ----------------------------------------------------------------------------------------------- inspect
 
 @app.command()
@@ -278,13 +292,17 @@ def _prune_help() -> str:
         "--batch-size / --learning-rate, and their own settings from the method options (only the ones you give "
         "are passed; a method rejects options it does not have). A method that trains weights (a new head, "
         "adapters, a fusion) also writes the trained model to OUT/model; compact, export and eval with --masks "
-        "OUT then use it instead of MODEL.",
+        "OUT then use it instead of MODEL. --recover task|kd then trains the pruned model with the masks held "
+        "(kd: distils the dense model; --kd-* options) and writes it to OUT/model too.",
         "Methods (--method NAME), what they prune and their options:",
     ]
     examples = [
         "compress prune --sparsity heads=0.5 --sparsity adapters=0.75 --out masks",
         "compress prune --method lottery-fusion --sparsity adapters=0.5 --data glue:rte --rounds 3 "
         "--max-steps 500 --out masks",
+        "compress prune --method post-training --target-speedup 2 --data glue:sst2 --out masks",
+        "compress prune --method importance --sparsity heads=0.5 --sparsity neurons=0.5 --data glue:mrpc "
+        "--recover kd --recover-steps 100 --out masks",
         "compress prune MODEL --method sparse-adapter --sparsity weights=0.8 --criterion snip --widen "
         "--data train.csv --text-columns text --label-column label --out masks",
     ]
@@ -292,12 +310,20 @@ def _prune_help() -> str:
                         *(_block(e, indent="    ") for e in examples)])
 
 
+def _recovery_kinds() -> str:
+    from .training.recovery import RECOVERY
+
+    return " or ".join(f"{r.name} ({r.description})" for r in RECOVERY.values())
+
+
 @app.command(help=_prune_help())
 def prune(
     model: Optional[Path] = MODEL_ARG,
     method: str = typer.Option("magnitude", "--method", help="Pruning method (see the list above)."),
-    sparsity: List[str] = typer.Option(..., "--sparsity", metavar="KIND=FRACTION", help="Share pruned per unit "
-                                       "group, repeatable. Kinds: heads, neurons, adapters, bottleneck, weights."),
+    sparsity: List[str] = typer.Option([], "--sparsity", metavar="KIND=FRACTION", help="Share pruned per unit "
+                                       "group, repeatable. Kinds: heads, neurons, adapters, bottleneck, weights. "
+                                       "Target-driven methods (post-training): KIND=0 names the kinds that "
+                                       "compete (default: all four structured kinds)."),
     seed: int = typer.Option(0, "--seed", help="Random seed: same inputs and seed give byte-identical masks."),
     allow_empty: bool = typer.Option(False, help="Allow a unit group to lose every member. "
                                                                   "Default: keep at least one."),
@@ -337,8 +363,28 @@ def prune(
                                            "importance is measured on."),
     adapter_width: Optional[int] = typer.Option(None, "--adapter-width", help="head-importance: mean bottleneck "
                                                 "width of the adapters it adds."),
+    target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="post-training: predicted "
+                                                   "speedup over the dense model on --on at --shape (> 1)."),
+    target_flops: Optional[float] = typer.Option(None, "--target-flops", help="post-training: fraction of the "
+                                                 "dense model's FLOPs per token to keep."),
+    target_params: Optional[float] = typer.Option(None, "--target-params", help="post-training: fraction of the "
+                                                  "dense model's parameters to keep."),
+    on: Optional[str] = typer.Option(None, "--on", help="post-training: the latency model's provider: cpu "
+                                     "(default), cuda, torch-cpu, torch-cuda."),
+    shape: Optional[str] = typer.Option(None, "--shape", help="post-training: the latency model's batch x "
+                                        "sequence length (default 1x128)."),
     option: List[str] = typer.Option([], "--option", metavar="KEY=VALUE", help="Any other method option "
                                      "(repeatable), e.g. --option rate=0.2 for imp."),
+    recover: Optional[str] = typer.Option(None, "--recover", help="Then train the pruned model with the masks "
+                                          f"held: {_recovery_kinds()}. Needs --data."),
+    recover_steps: Optional[int] = typer.Option(None, "--recover-steps", min=0, help="Recovery steps. Default: "
+                                                "--max-steps / --epochs."),
+    what: Optional[str] = typer.Option(None, "--train", help="What recovery trains, as in `compress train`. "
+                                       "Default: adapters,fusion (and the head)."),
+    kd_temperature: Optional[float] = KD_TEMPERATURE_OPT,
+    kd_logits_weight: Optional[float] = KD_LOGITS_OPT,
+    kd_hidden_weight: Optional[float] = KD_HIDDEN_OPT,
+    kd_layers: Optional[str] = KD_LAYERS_OPT,
 ):
     with user_errors():
         from . import api
@@ -351,7 +397,10 @@ def prune(
             **_budget(max_steps, epochs, batch_size, learning_rate, max_length, checkpoint_dir, resume),
             method=method, sparsity=sparsity, seed=seed, allow_empty=allow_empty, out=out, overwrite=overwrite,
             criterion=criterion, rounds=rounds, rewind_step=rewind_step, max_drop=max_drop, widen=widen,
-            objective=objective, examples=examples, adapter_width=adapter_width, options=option)
+            objective=objective, examples=examples, adapter_width=adapter_width, target_speedup=target_speedup,
+            target_flops=target_flops, target_params=target_params, on=on, shape=shape, options=option,
+            recover=recover, recover_steps=recover_steps, train=what,
+            **_kd(kd_temperature, kd_logits_weight, kd_hidden_weight, kd_layers))
         with step("pruning") as say:
             r = api.prune(request, say)
         table = Table(title=f"masks ({r.method}, seed {r.seed})")
@@ -427,7 +476,8 @@ def export(
     optimize: bool = typer.Option(True, "--optimize/--no-optimize", help="Fuse the graph with onnxruntime's "
                                   "transformer optimizer (Attention per layer, Gelu)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="Also write model.int8.onnx ('int8', dynamic "
-                                           "quantization); its deviation is reported, not held to --atol."),
+                                           "quantization; with --data the scheme and fp32 fallbacks of least "
+                                           "measured cost); its deviation is reported, not held to --atol."),
     sparse: bool = typer.Option(False, "--sparse", help="Also write model.sparse.onnx, with weights pruned by "
                                 "--sparsity weights=... stored as sparse initializers."),
     variant: Optional[List[str]] = typer.Option(None, "--variant", help="Also write this registered variant "
@@ -435,6 +485,11 @@ def export(
                                                 "conversion with fp32 inputs and outputs, for GPUs; held to 1e-2), "
                                                 "int8 (= --quantize int8), sparse (= --sparse), or any other "
                                                 "registered in exporters/variants.py."),
+    calibration_examples: int = typer.Option(128, "--calibration-examples", help="int8: training rows of --data "
+                                             "(or of the packaged MRPC sample) static int8 is calibrated on."),
+    int8_keep_fp32: Optional[int] = typer.Option(None, "--int8-keep-fp32", help="int8: keep this many units "
+                                                 "(the costliest by measured sensitivity) fp32. Default: the "
+                                                 "fewest that meet the fidelity bound; 0: none."),
     atol: float = typer.Option(1e-4, "--atol", help="Parity tolerance (max abs diff per output) against the masked "
                                "model."),
     allow_mismatch: bool = typer.Option(False, "--allow-mismatch", help="Keep the export even when parity fails "
@@ -473,6 +528,7 @@ def export(
                                 **_data(data, data_dir, task, text_columns, label_column, tokenizer, None, max_dev),
                                 masks=masks, out=out, format="onnx" if onnx else None, optimize=optimize,
                                 quantize=quantize, sparse=sparse, variants=tuple(variant or ()), atol=atol,
+                                calibration_examples=calibration_examples, int8_keep_fp32=int8_keep_fp32,
                                 allow_mismatch=allow_mismatch, seed=seed, overwrite=overwrite, max_length=max_length)
         with step("exporting") as say:
             r = api.export(request, say)
@@ -491,6 +547,11 @@ def export(
         if r.optimize:
             console.print("fused Attention per layer (heads): " + ", ".join(
                 f"{i}:{n}x({h})" + ("" if ok else " NOT FUSED") for i, h, n, _, ok in r.attention))
+        for name, entry in result.variants.items():  # int8 chosen by measurement (exporters/quantization.py)
+            if "winner" in entry:
+                kept = ", ".join(k["unit"] for k in entry["kept_fp32"]) or "none"
+                console.print(f"{name}: {entry['winner']} ({entry['choice']}; mean KL {entry['fidelity']['cost']:.2e} "
+                              f"against model.onnx); kept fp32: {kept}")
         for name, entry in result.variants.items():  # each variant scored with --data
             if "accuracy" not in entry:
                 continue
@@ -501,6 +562,9 @@ def export(
             for k in acc["fp32"]:
                 metrics.add_row(k, f"{acc['fp32'][k]:.4f}", f"{acc[name][k]:.4f}", f"{acc['change'][k]:+.4f}")
             console.print(metrics)
+        if r.speedup is not None:
+            from exporters.export_summary import speedup_table
+            console.print(speedup_table(r.speedup))
         console.print(f"wrote {out} (model.onnx, parity.json, export.md, compacted model, tokenizer)")
 
 
@@ -536,6 +600,14 @@ def train(
     fusion: Optional[Path] = FUSION_OPT,
     setup: Optional[str] = SETUP_OPT,
     head: Optional[str] = HEAD_OPT,
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="Distil from this model directory (the dense "
+                                           "model: logits KL + layer-output MSE) instead of the task loss."),
+    masks: Optional[Path] = typer.Option(None, "--masks", help="Train under these masks (pruned units stay "
+                                         "pruned); OUT is then the compacted trained model."),
+    kd_temperature: Optional[float] = KD_TEMPERATURE_OPT,
+    kd_logits_weight: Optional[float] = KD_LOGITS_OPT,
+    kd_hidden_weight: Optional[float] = KD_HIDDEN_OPT,
+    kd_layers: Optional[str] = KD_LAYERS_OPT,
 ):
     """Train adapters, the fusion and / or a prediction head on a task; evaluate on dev before and after.
 
@@ -544,6 +616,9 @@ def train(
 
     Example: compress train --data glue:rte --train head --max-steps 200 --out rte-head && compress eval rte-head
     --data glue:rte
+
+    Distillation: compress train pruned/model --masks pruned --teacher DENSE --data glue:mrpc --train
+    adapters,fusion --max-steps 100 --out recovered
     """
     with user_errors():
         from . import api
@@ -554,9 +629,11 @@ def train(
             **_data(data, data_dir, task, text_columns, label_column, tokenizer, max_train_examples,
                     max_dev_examples),
             **_budget(max_steps, epochs, batch_size, learning_rate, max_length, checkpoint_dir, resume),
-            train=what, new_head=new_head, out=out, overwrite=overwrite, seed=seed)
+            train=what, new_head=new_head, out=out, overwrite=overwrite, seed=seed, teacher=teacher, masks=masks,
+            **_kd(kd_temperature, kd_logits_weight, kd_hidden_weight, kd_layers))
         with step("training") as say:
             r = api.train(request, say)
+        _notes(r.notes)
         record = r.record
         console.print(f"dev metrics on {escape(r.task)} ({r.dev_examples} examples), before and after training",
                       highlight=False)
@@ -571,7 +648,11 @@ def train(
                       f"{record['steps']} steps on {r.train_examples} examples"
                       + (f", final loss {loss:.4f}" if isinstance(loss, float) else "")
                       + (" (resumed)" if record["resumed"] else ""))
-        console.print(f"wrote {out} (model, tokenizer, train.json)")
+        if "dev_kl_after" in record:
+            console.print(f"KL(teacher || model) on dev: {record['dev_kl_before']:.4g} before, "
+                          f"{record['dev_kl_after']:.4g} after", highlight=False)
+        what_out = "the compacted model" if "masks" in record else "model"
+        console.print(f"wrote {out} ({what_out}, tokenizer, train.json)")
 
 
 # ----------------------------------------------------------------------------------------------- eval

@@ -51,6 +51,17 @@ class TrainBudget:
     resume: bool = False
 
 
+@dataclass(kw_only=True)
+class DistillOptions:
+    """Distillation from a dense teacher (`prune --recover kd`, `train --teacher`); None: the default of
+    training.KDConfig, where the loss and its defaults are described. kd_layers: 'all' or '1,3,5' (0-based)."""
+
+    kd_temperature: Optional[float] = None
+    kd_logits_weight: Optional[float] = None
+    kd_hidden_weight: Optional[float] = None
+    kd_layers: Optional[str] = None
+
+
 # ----------------------------------------------------------------------------------------------- inspect
 
 @dataclass(kw_only=True)
@@ -70,9 +81,9 @@ class InspectResult:
 # ----------------------------------------------------------------------------------------------- prune
 
 @dataclass(kw_only=True)
-class PruneRequest(ModelOptions, DataOptions, TrainBudget):
+class PruneRequest(ModelOptions, DataOptions, TrainBudget, DistillOptions):
     out: PathLike
-    sparsity: Union[Mapping[str, float], Sequence[str]]  # {"heads": 0.5} or ["heads=0.5", ...]
+    sparsity: Union[Mapping[str, float], Sequence[str]] = ()  # {"heads": 0.5} or ["heads=0.5"]; () for targets
     method: str = "magnitude"
     seed: int = 0
     allow_empty: bool = False
@@ -86,7 +97,17 @@ class PruneRequest(ModelOptions, DataOptions, TrainBudget):
     objective: Optional[str] = None
     examples: Optional[int] = None
     adapter_width: Optional[int] = None
+    target_speedup: Optional[float] = None  # post-training's targets, provider and shape
+    target_flops: Optional[float] = None
+    target_params: Optional[float] = None
+    on: Optional[str] = None
+    shape: Optional[str] = None
     options: Union[Mapping[str, Any], Sequence[str]] = ()  # any other: {"rate": 0.2} or ["rate=0.2"]
+    # recovery training after the pruning (training/recovery.py RECOVERY: task | kd), with the masks held
+    recover: Optional[str] = None
+    recover_steps: Optional[int] = None  # None: the training budget (--max-steps / --epochs)
+    train: Optional[Union[str, Sequence[str]]] = None  # what recovery trains (as TrainRequest.train); None:
+    #                                                    adapters,fusion (and the head)
 
 
 @dataclass
@@ -101,7 +122,8 @@ class PruneResult:
     task: Optional[str] = None  # the task reference, with data
     dev_examples: Optional[int] = None
     stopped_early: Optional[str] = None
-    trained_model: Optional[Path] = None  # OUT/model when the method trained weights
+    trained_model: Optional[Path] = None  # OUT/model when the method (or --recover) trained weights
+    recovery: Optional[dict] = None  # with --recover: kind, train, steps, loss, dev metrics (masks.json)
     files: List[Path] = field(default_factory=list)
 
 
@@ -135,7 +157,7 @@ class ExportRequest(ModelOptions, DataOptions):
     optimize: bool = True
     quantize: Optional[str] = None  # "int8": the same as "int8" in variants
     sparse: bool = False  # the same as "sparse" in variants
-    variants: Sequence[str] = ()  # names registered in exporters/variants.py: int8, fp16, sparse (--variant)
+    variants: Sequence[str] = ()  # names registered in exporters/variants.py: int8, int8-static, fp16, sparse
     calibration_examples: int = 128  # int8: training rows the static ranges are calibrated on
     int8_keep_fp32: Optional[int] = None  # int8: most costly units kept fp32; None: as few as meet the bound
     atol: float = 1e-4
@@ -153,15 +175,18 @@ class ExportResult:
     atol: float
     attention: List[tuple] = field(default_factory=list)  # export_summary.attention_rows, when optimised
     notes: List[str] = field(default_factory=list)
+    speedup: Optional[dict] = None  # masks with a cpu latency target: measured vs predicted (export_summary)
 
 
 # ----------------------------------------------------------------------------------------------- train
 
 @dataclass(kw_only=True)
-class TrainRequest(ModelOptions, DataOptions, TrainBudget):
+class TrainRequest(ModelOptions, DataOptions, TrainBudget, DistillOptions):
     data: str
     train: Union[str, Sequence[str]]  # adapters | fusion | head | all, comma-separated or a list
     out: PathLike
+    teacher: Optional[PathLike] = None  # a model directory: distil from it instead of the task loss
+    masks: Optional[PathLike] = None  # train under these masks; OUT is then the compacted trained model
     new_head: bool = False
     overwrite: bool = False
     seed: int = 0
@@ -175,6 +200,7 @@ class TrainResult:
     task: str
     train_examples: int
     dev_examples: int
+    notes: List[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------------------- eval

@@ -387,3 +387,97 @@ def test_export_int8_with_data_reports_the_accuracy_change(lottery_masks, data_f
 def test_export_data_needs_int8(lottery_masks, data_file, tmp_path):
     assert_user_error(invoke("export", "--masks", lottery_masks[0], "--onnx", *data_args(data_file), "--out",
                              tmp_path / "o"), "--quantize int8", out=tmp_path / "o")
+
+
+# ----------------------------------------------------------------------------------------------- recovery (KD)
+
+@pytest.fixture(scope="module")
+def headed_dir(root, model_dir, data_file):
+    """model_dir with a trained 2-label head for the signal task: the dense teacher of the recovery tests."""
+    out = root / "headed"
+    ok(invoke("train", model_dir, *data_args(data_file), "--train", "head", "--max-steps", 4, "--out", out))
+    return out
+
+
+PRUNE_HALF = ("--method", "random", "--sparsity", "heads=0.5", "--sparsity", "neurons=0.5")
+
+
+def test_prune_recover_kd_writes_the_recovered_model(headed_dir, data_file, root, tmp_path):
+    out, plain = tmp_path / "kd", tmp_path / "plain"
+    result = ok(invoke("prune", headed_dir, *PRUNE_HALF, *data_args(data_file), "--recover", "kd",
+                       "--recover-steps", 3, "--kd-layers", "1", "--batch-size", 8, "--out", out))
+    ok(invoke("prune", headed_dir, *PRUNE_HALF, "--out", plain))
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["trained_model"] == "model"
+    rec = meta["recovery"]
+    assert rec["kind"] == "kd" and rec["steps"] == 3 and rec["train"] == ["adapters", "fusion"]
+    assert rec["kd"]["layers"] == [1] and set(rec["dev_metrics"]) == {"accuracy", "f1"}
+    assert "recovered (kd)" in result.stdout
+    # the masks are those of the same pruning without recovery; the recovered weights moved
+    masks = MaskSet.load(out)
+    assert all(torch.equal(masks.masks[k], v) for k, v in MaskSet.load(plain).masks.items())
+    recovered, dense = compressor.load_model(out / "model"), compressor.load_model(headed_dir)
+    assert not all(torch.equal(v, dense.state_dict()[k]) for k, v in recovered.state_dict().items())
+    # compaction of the recovered model equals the masked recovered model (invariant 1)
+    ok(invoke("compact", "--masks", out, "--out", tmp_path / "c"))
+    inputs = random_inputs("bert", 3, 9, "random", vocab=25)
+    ref = logits(masked_copy(recovered, masks), inputs)
+    assert (logits(compressor.load_model(tmp_path / "c"), inputs) - ref).abs().max().item() <= 1e-5
+    # eval --against dense: the reference is MODEL, the model the masks were pruned from, not the recovered
+    # weights without their masks
+    report, plain = tmp_path / "eval.json", tmp_path / "plain.json"
+    result = ok(invoke("eval", headed_dir, "--masks", out, *data_args(data_file), "--against", "dense",
+                       "--fidelity-examples", 20, "--bootstrap", 50, "--json", report))
+    ok(invoke("eval", headed_dir, *data_args(data_file), "--json", plain))
+    got = json.loads(report.read_text())
+    assert got["reference_metrics"] == pytest.approx(json.loads(plain.read_text())["metrics"])
+    assert "the model the masks were made from" in result.output and f"reference: {headed_dir} (dense)" in result.output
+    # compress train --teacher on the pruned student: OUT is the compacted, distilled model
+    trained = tmp_path / "t"
+    result = ok(invoke("train", "--masks", out, "--teacher", headed_dir, *data_args(data_file), "--train",
+                       "adapters,fusion", "--max-steps", 3, "--batch-size", 8, "--out", trained))
+    record = json.loads((trained / "train.json").read_text())
+    assert record["teacher"] == str(headed_dir) and record["masks"]["method"] == "random"
+    assert record["dev_kl_before"] >= 0 and record["dev_kl_after"] >= 0 and record["kd"]["temperature"] > 0
+    assert "KL(teacher || model)" in result.stdout
+    manifest = json.loads((trained / "compress_manifest.json").read_text())
+    assert manifest["compacted"] and manifest["masks"]["method"] == "random"
+
+
+def test_prune_recover_task(headed_dir, data_file, tmp_path):
+    out = tmp_path / "task"
+    ok(invoke("prune", headed_dir, *PRUNE_HALF, *data_args(data_file), "--recover", "task", "--recover-steps", 2,
+              "--train", "head", "--batch-size", 8, "--out", out))
+    rec = json.loads((out / META_FILE).read_text())["recovery"]
+    assert rec["kind"] == "task" and rec["train"] == ["head"] and rec["kd"] is None
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("--recover", "kd"), ["--recover kd", "--data"]),
+    (("--recover", "vibes", "DATA"), ["'vibes'", "task", "kd"]),
+    (("--kd-layers", "1", "DATA"), ["--recover kd"]),
+    (("--recover", "task", "--kd-temperature", 3, "DATA"), ["--kd-*", "--recover kd"]),
+    (("--recover", "kd", "--kd-temperature", 0, "DATA"), ["--kd-temperature", "> 0"]),
+    (("--recover", "kd", "--kd-layers", "one", "DATA"), ["--kd-layers", "1,3,5"]),
+    (("--recover", "kd", "--train", "everything", "DATA"), ["--train", "'everything'"]),
+    (("--sparsity", "weights=0.5", "--recover", "kd", "DATA"), ["--recover", "weight masks"]),
+])
+def test_recover_options_are_checked(headed_dir, data_file, tmp_path, args, needles):
+    args = [a for x in args for a in (data_args(data_file) if x == "DATA" else (x,))]
+    assert_user_error(invoke("prune", headed_dir, *PRUNE_HALF, *args, "--out", tmp_path / "o"), *needles,
+                      out=tmp_path / "o")
+
+
+def test_teacher_that_cannot_teach(headed_dir, flex_dir, data_file, root, tmp_path):
+    from compressor.compaction import compact, save_compacted
+
+    roberta = with_tokenizer(make_model_dir(root / "roberta", "roberta", "seq_bn", n_adapters=3, fusion="dynamic"))
+    wide = compressor.load_model(headed_dir)
+    wide.base_model.resize_token_embeddings(120)
+    vocab = with_tokenizer(save_compacted(compact(wide), tmp_path / "vocab"))
+    for teacher, needle in ((roberta, "architecture is roberta"), (vocab, "vocabulary size is 120"),
+                            (flex_dir, "head has 3 labels")):
+        assert_user_error(invoke("train", headed_dir, "--teacher", teacher, *data_args(data_file), "--train",
+                                 "fusion", *BUDGET, "--out", tmp_path / "o"), needle, out=tmp_path / "o")
+    assert_user_error(invoke("train", headed_dir, "--kd-hidden-weight", 2, *data_args(data_file), "--train",
+                             "fusion", *BUDGET, "--out", tmp_path / "o"), "--teacher", out=tmp_path / "o")
