@@ -8,6 +8,11 @@ AdapterHub's per-adapter format (`save_adapter` / `save_adapter_fusion` layout, 
 
     python benchmarks/build_default.py [--glue-dir ../shared/data/glue] [--work out/build-default] [--quick]
 
+The accuracy study's second fusion (over the same eight adapters, trained on SST-2: `FUSIONS` in
+compressor/default_model.py) is added to the package without retraining the adapters:
+
+    python benchmarks/build_default.py --fusion-task sst2 --adapters packaged --work out/build-default-sst2
+
 Each stage writes its own directory under --work and is skipped when that directory exists, so an interrupted
 build continues where it stopped. --quick trains a few steps per stage (to try the script, not to ship).
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compressor.default_model import (  # noqa: E402
-    ADAPTER_CONFIG, ADAPTER_NAMES, FUSION_HEAD, FUSION_NAME, FUSION_TASK, MODEL_NAME, build_default_model,
+    ADAPTER_CONFIG, ADAPTER_NAMES, FUSION_NAME, FUSION_TASK, FUSIONS, MODEL_NAME, PACKAGED, build_default_model,
     build_initial_model,
 )
 from compressor.io import atomic_output_dir  # noqa: E402
@@ -39,7 +45,7 @@ ADAPTERS = {
     "wnli": ("wnli", 0, 40), "sst2_seed2": ("sst2", 1, 300), "mrpc_seed2": ("mrpc", 1, 230),
     "rte_seed2": ("rte", 1, 100),
 }
-FUSION_STEPS = 160  # 1.4 epochs of MRPC
+FUSION_STEPS = {"mrpc": 160, "sst2": 1200}  # 1.4 epochs of MRPC; 0.57 of SST-2
 COMMON = ["--batch-size", "32", "--max-length", "128"]
 VERSION = "adapters.1.3.0"  # the AdapterHub format version these files follow
 
@@ -66,16 +72,21 @@ def train_adapters(work: Path, glue: Path, quick: bool) -> None:
              "--out", str(out)], work / f"adapter-{name}.log")
 
 
-def assemble_fusion_start(work: Path) -> Path:
-    """The initial model with every adapter replaced by its trained weights (no heads): the fusion's start."""
-    out = work / "fusion-init"
+def assemble_fusion_start(work: Path, packaged: bool = False) -> Path:
+    """The initial model with every adapter replaced by its trained weights (no heads): the fusion's start.
+    `packaged`: the adapters as shipped in compressor/default_weights (fp16, put back in fp32) instead of
+    WORK/adapters."""
+    out = work / ("fusion-init-packaged" if packaged else "fusion-init")
     if out.is_dir():
         return out
-    tmp = work / "fusion-init.partial"
+    tmp = work / f"{out.name}.partial"
     tmp.mkdir(parents=True, exist_ok=True)
     state = load_file(str(work / "init" / "model.safetensors"))
     for name in ADAPTER_NAMES:
-        trained = load_file(str(work / "adapters" / name / "model.safetensors"))
+        if packaged:
+            trained = {k: v.float() for k, v in load_file(str(PACKAGED / name / "adapter.safetensors")).items()}
+        else:
+            trained = load_file(str(work / "adapters" / name / "model.safetensors"))
         mine = {k: v for k, v in trained.items() if f".adapters.{name}." in k}
         assert mine, f"no weights of adapter {name} in its training output"
         for k, v in mine.items():
@@ -88,14 +99,18 @@ def assemble_fusion_start(work: Path) -> Path:
     return out
 
 
-def train_fusion(work: Path, glue: Path, quick: bool) -> None:
-    out = work / "fusion"
+def fusion_stage(task: str) -> str:
+    return "fusion" if task == FUSION_TASK else f"fusion-{task}"
+
+
+def train_fusion(work: Path, start: Path, glue: Path, quick: bool, task: str = FUSION_TASK) -> None:
+    out = work / fusion_stage(task)
     if out.is_dir():
         return
-    run([sys.executable, "-m", "compressor", "train", str(work / "fusion-init"), "--data", f"glue:{FUSION_TASK}", "--data-dir", str(glue),
-         "--train", "fusion", "--seed", "0", "--max-steps", str(5 if quick else FUSION_STEPS),
+    run([sys.executable, "-m", "compressor", "train", str(start), "--data", f"glue:{task}", "--data-dir", str(glue),
+         "--train", "fusion", "--seed", "0", "--max-steps", str(5 if quick else FUSION_STEPS[task]),
          "--learning-rate", "5e-4", *COMMON, *(["--max-dev-examples", "64"] if quick else []),
-         "--out", str(out)], work / "fusion.log")
+         "--out", str(out)], work / f"{out.name}.log")
 
 
 def _meta(name: str, **extra) -> dict:
@@ -112,30 +127,56 @@ def _head_files(directory: Path, trained: dict, record: dict, head: str, new_nam
     save_file({k: v.half().contiguous() for k, v in weights.items()}, str(directory / "model_head.safetensors"))
 
 
-def package(work: Path, out: Path, glue: Path) -> None:
+def package(work: Path, out: Path, glue: Path, tasks=(FUSION_TASK,)) -> None:
     """Write the package directory whole (stale files from an earlier layout must not ship)."""
     with atomic_output_dir(out, overwrite=True) as tmp:
-        scores = _write_package(work, tmp)
-        scores["fusion"]["dev_shipped_fp16"] = _packaged_score(tmp, work, glue)
+        scores = _write_adapters(work, tmp)
+        for task in tasks:
+            _write_fusion(work, tmp, glue, task, scores)
         (tmp / "scores.json").write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
+    _said(out, scores, tasks)
+
+
+def add_to_package(work: Path, out: Path, glue: Path, task: str) -> None:
+    """Add (or replace) the fusion trained on `task` in the package `out`, adapters untouched: built and scored
+    in a copy of the package under WORK, then its directory and scores.json are moved in."""
+    staged = work / "package-next"
+    if staged.exists():
+        shutil.rmtree(staged)
+    shutil.copytree(out, staged)
+    directory = FUSIONS[task][0]
+    if (staged / directory).is_dir():
+        shutil.rmtree(staged / directory)
+    scores = json.loads((staged / "scores.json").read_text())
+    _write_fusion(work, staged, glue, task, scores)
+    (staged / "scores.json").write_text(json.dumps(scores, indent=2, sort_keys=True) + "\n")
+    if (out / directory).is_dir():
+        shutil.rmtree(out / directory)
+    (staged / directory).rename(out / directory)
+    (staged / "scores.json").replace(out / "scores.json")
+    shutil.rmtree(staged)
+    _said(out, scores, (task,))
+
+
+def _said(out: Path, scores: dict, tasks) -> None:
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"wrote {out} ({size / 2**20:.1f} MiB); fusion dev (fp16 weights as shipped): "
-          f"{scores['fusion']['dev_shipped_fp16']}")
+    shipped = {t: scores[FUSIONS[t][0]]["dev_shipped_fp16"] for t in tasks}
+    print(f"wrote {out} ({size / 2**20:.1f} MiB); fusion dev (fp16 weights as shipped): {shipped}")
 
 
-def _packaged_score(package_dir: Path, work: Path, glue: Path) -> dict:
-    """The shipped (fp16-rounded) default's dev metrics, read back the way users load it."""
+def _packaged_score(package_dir: Path, work: Path, glue: Path, task: str) -> dict:
+    """The shipped (fp16-rounded) fusion's dev metrics, read back the way users load it."""
     from compressor.api import load_task, load_tokenizer
     from compressor import load_model
 
-    full = build_default_model(work / "packaged-check", weights=package_dir, overwrite=True)
+    full = build_default_model(work / f"packaged-check-{task}", weights=package_dir, overwrite=True, task=task)
     model = load_model(full)
-    ctx = load_task(f"glue:{FUSION_TASK}", load_tokenizer(full, model), data_dir=glue)
+    ctx = load_task(f"glue:{task}", load_tokenizer(full, model), data_dir=glue)
     return ctx.evaluate(model)
 
 
-def _write_package(work: Path, out: Path) -> dict:
-    scores = dict(base=MODEL_NAME, adapters={}, fusion={})
+def _write_adapters(work: Path, out: Path) -> dict:
+    scores = dict(base=MODEL_NAME, adapters={})
     for name in ADAPTER_NAMES:
         src = work / "adapters" / name
         record = json.loads((src / "train.json").read_text())
@@ -151,12 +192,20 @@ def _write_package(work: Path, out: Path) -> dict:
         task, seed, _ = ADAPTERS[name]
         scores["adapters"][name] = dict(task=task, seed=seed, steps=record["steps"], dev=record["dev_after"],
                                         dev_examples=record["data"].get("dev_examples"))
-    src = work / "fusion"
+    scores["adapter_training"] = dict(common=COMMON, learning_rate=1e-3, budgets=ADAPTERS)
+    return scores
+
+
+def _write_fusion(work: Path, out: Path, glue: Path, task: str, scores: dict) -> None:
+    """The fusion trained on `task` in AdapterHub's save_adapter_fusion layout (+ its head); its scores in
+    scores[<its directory>] ("fusion" for the default's)."""
+    directory, head = FUSIONS[task]
+    src = work / fusion_stage(task)
     record = json.loads((src / "train.json").read_text())
     manifest = json.loads((src / "compress_manifest.json").read_text())
     record["head_config"] = manifest["heads"][manifest["active_head"]]
     trained = load_file(str(src / "model.safetensors"))
-    d = out / "fusion"
+    d = out / directory
     d.mkdir(exist_ok=True)
     fusion_cfg = dict(key=True, query=True, value=True, query_before_ln=False, regularization=True,
                       residual_before=False, temperature=False, value_before_softmax=True, value_initialized=True,
@@ -165,11 +214,10 @@ def _write_package(work: Path, out: Path) -> dict:
     (d / "adapter_fusion_config.json").write_text(json.dumps(meta, indent=2) + "\n")
     save_file({k: v.half().contiguous() for k, v in trained.items() if ".adapter_fusion_layer." in k},
               str(d / "model_adapter_fusion.safetensors"))
-    _head_files(d, trained, record, manifest["active_head"], FUSION_HEAD)
-    scores["fusion"] = dict(task=FUSION_TASK, steps=record["steps"], dev_before=record["dev_before"],
-                            dev=record["dev_after"], config=record["config"])
-    scores["adapter_training"] = dict(common=COMMON, learning_rate=1e-3, budgets=ADAPTERS)
-    return scores
+    _head_files(d, trained, record, manifest["active_head"], head)
+    scores[directory] = dict(task=task, steps=record["steps"], dev_before=record["dev_before"],
+                             dev=record["dev_after"], config=record["config"])
+    scores[directory]["dev_shipped_fp16"] = _packaged_score(out, work, glue, task)
 
 
 def main() -> None:
@@ -180,6 +228,11 @@ def main() -> None:
                         help="default: compressor/default_weights (WORK/package with --quick)")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage, to try the script (its "
                         "weights never go to compressor/default_weights unless --out says so)")
+    parser.add_argument("--fusion-task", choices=sorted(FUSIONS), default=FUSION_TASK,
+                        help="the fusion to train and package (default: the default's, MRPC)")
+    parser.add_argument("--adapters", choices=("train", "packaged"), default="train",
+                        help="packaged: start the fusion from the adapters already in the package and add only "
+                        "the fusion to it (the other fusions and the adapters stay)")
     args = parser.parse_args()
     args.work = args.work or ROOT / "out" / ("build-default-quick" if args.quick else "build-default")
     args.out = args.out or (args.work / "package" if args.quick else ROOT / "compressor" / "default_weights")
@@ -188,10 +241,18 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     if not (args.work / "init").is_dir():
         build_initial_model(args.work / "init")
-    train_adapters(args.work, args.glue_dir, args.quick)
-    assemble_fusion_start(args.work)
-    train_fusion(args.work, args.glue_dir, args.quick)
-    package(args.work, args.out, args.glue_dir)
+    packaged = args.adapters == "packaged"
+    if not packaged:
+        train_adapters(args.work, args.glue_dir, args.quick)
+    start = assemble_fusion_start(args.work, packaged=packaged)
+    train_fusion(args.work, start, args.glue_dir, args.quick, args.fusion_task)
+    if packaged:
+        add_to_package(args.work, args.out, args.glue_dir, args.fusion_task)
+    elif args.fusion_task == FUSION_TASK:
+        package(args.work, args.out, args.glue_dir)
+    else:  # a full rebuild trains the default's fusion too
+        train_fusion(args.work, start, args.glue_dir, args.quick)
+        package(args.work, args.out, args.glue_dir, (FUSION_TASK, args.fusion_task))
 
 
 if __name__ == "__main__":

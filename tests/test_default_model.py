@@ -12,7 +12,7 @@ import torch
 
 import compressor
 from compressor.default_model import (
-    ADAPTER_NAMES, FUSION_HEAD, FUSION_NAME, PACKAGED, build_default_model, default_model_dir, default_scores,
+    ADAPTER_NAMES, FUSION_HEAD, FUSION_NAME, FUSIONS, PACKAGED, build_default_model, default_model_dir, default_scores,
     default_version, minilm_dir,
 )
 from compressor.pruning import prune
@@ -42,7 +42,7 @@ def test_packaged_weights_are_small_and_fp16():
     from safetensors import safe_open
 
     tensors = [f for f in files if f.suffix == ".safetensors"]
-    assert len(tensors) == 2 * len(ADAPTER_NAMES) + 2  # adapter + head per adapter; fusion + its head
+    assert len(tensors) == 2 * len(ADAPTER_NAMES) + 2 * len(FUSIONS)  # adapter + head per adapter and per fusion
     for f in tensors:
         with safe_open(str(f), "pt") as st:
             assert {st.get_tensor(k).dtype for k in st.keys()} == {torch.float16}, f
@@ -83,6 +83,24 @@ def test_default_reproduces_its_recorded_mrpc_dev_score(default_model):
     recorded = default_scores()["fusion"]["dev_shipped_fp16"]
     assert metrics == pytest.approx(recorded, abs=1e-9)
     assert metrics["accuracy"] > 0.70  # above MRPC's majority class (68.4%)
+
+
+@pytest.mark.skipif(not (GLUE / "SST-2").is_dir(), reason="no GLUE files beside the repository")
+def test_the_studys_sst2_fusion_reproduces_its_recorded_score_and_beats_its_best_adapter(default_env):
+    """The accuracy study's default (issue 15): the fusion over the same adapters, trained on SST-2, scores what
+    scores.json says on all 872 dev rows, and above the SST-2 adapter alone and the majority class."""
+    from compressor.api import load_task, load_tokenizer
+
+    source = default_model_dir("sst2")
+    assert source.name == default_version("sst2") and source != default_model_dir()
+    model = compressor.load_model(source)
+    assert model.compress_manifest["active_head"] == FUSIONS["sst2"][1]
+    ctx = load_task("glue:sst2", load_tokenizer(source, model), data_dir=GLUE)
+    metrics = ctx.evaluate(model)
+    scores = default_scores()
+    assert metrics == pytest.approx(scores[FUSIONS["sst2"][0]]["dev_shipped_fp16"], abs=1e-9)
+    best_adapter = max(a["dev"]["accuracy"] for a in scores["adapters"].values() if a["task"] == "sst2")
+    assert metrics["accuracy"] > best_adapter > 0.51  # SST-2's dev majority class: 50.9%
 
 
 def test_default_model_builds_byte_identically(default_env, default_model, tmp_path):
