@@ -15,7 +15,7 @@ Steps, in a work directory (reused when there):
    then for the fp32 fallbacks: latency ratios against fp32, the targets timed in turn (interleaved).
 5. benchmarks/results/int8.md.
 
-    python benchmarks/int8.py --data-dir ../shared/data/glue --work /tmp/int8 [--out-md benchmarks/results/int8.md]
+    python benchmarks/int8.py --data-dir ../shared/data/glue --work out/int8 [--out-md benchmarks/results/int8.md]
 """
 
 from __future__ import annotations
