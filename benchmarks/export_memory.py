@@ -8,12 +8,13 @@ and of any process it starts (summed) every ~20 ms. Per shape: the model's fp32 
 the kernel's high-water mark `ru_maxrss` of the child), their ratio to the fp32 size, the stage at the peak, the
 peak per stage and the wall time. The child also reports its RSS after `import torch, onnxruntime,
 transformers` and the compressor (the import baseline). `--ab-graph-stages` instead times the stock and the
-low-memory ONNX export and optimisation, interleaved.
+low-memory ONNX export and optimisation, interleaved; `--ab-int8` the stock and the low-memory int8 stage.
 
     python benchmarks/export_memory.py [--shapes base,large] [--variants int8] [--out-md FILE] [--label after]
     python benchmarks/export_memory.py --shapes base --ab-graph-stages
+    python benchmarks/export_memory.py --shapes base --ab-int8
 
-Needs free memory: ~2.5 GB for base, ~5.5 GB for large (benchmarks/results/export_memory.md).
+Needs free memory: ~2 GB for base, ~4.5 GB for large (benchmarks/results/export_memory.md).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -228,6 +230,53 @@ def ab_graph_stages(model_dir: Path, repeats: int = 2) -> dict:
                 optimise_ratio=med["optimise new"] / med["optimise stock"])
 
 
+def ab_int8(model_dir: Path, repeats: int = 3) -> dict:
+    """Wall time of the int8 stage, interleaved (stock, new, stock, new...) on one optimised graph: the stock
+    recipe (the graph loaded whole, saved with external data, onnxruntime's `quantize_dynamic`) vs
+    `quantization.preprocess` + `quantization.quantize` (one tensor at a time, weights left on disk)."""
+    import statistics
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.quant_utils import add_pre_process_metadata
+
+    from compressor.api import export
+    from compressor.requests import ExportRequest
+    from exporters import quantization as q
+    from exporters.runtime import release_memory
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        export(ExportRequest(model=str(model_dir), out=str(d / "onnx"), variants=[], seed=0))
+        deploy = d / "onnx" / "model.onnx"
+
+        def stock(work: Path):
+            model = onnx.load(str(deploy))
+            add_pre_process_metadata(model)
+            onnx.save_model(model, str(work / "pre.onnx"), save_as_external_data=True, location="pre.onnx.data")
+            del model
+            graph = onnx.load(str(work / "pre.onnx"), load_external_data=False)
+            q.type_contrib_outputs(graph)
+            onnx.save_model(graph, str(work / "pre.onnx"))
+            quantize_dynamic(str(work / "pre.onnx"), str(work / "q.onnx"), weight_type=QuantType.QInt8,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+        def new(work: Path):
+            q.quantize(q.preprocess(deploy, work / "pre.onnx"), work / "q.onnx", q.DEFAULT)
+
+        times = {"stock": [], "new": []}
+        for i in range(repeats):
+            for name, run in (("stock", stock), ("new", new)):
+                work = d / f"{name}{i}"
+                work.mkdir()
+                release_memory()
+                t = time.perf_counter()
+                run(work)
+                times[name].append(time.perf_counter() - t)
+                shutil.rmtree(work)
+    return dict(times=times, ratio=statistics.median(times["new"]) / statistics.median(times["stock"]))
+
+
 def gb(n) -> str:
     return f"{n / 1e9:.2f} GB" if n else "-"
 
@@ -261,10 +310,19 @@ def main() -> None:
     ap.add_argument("--label", default="export memory")
     ap.add_argument("--ab-graph-stages", action="store_true",
                     help="instead: time the stock and the low-memory graph stages, interleaved")
+    ap.add_argument("--ab-int8", action="store_true",
+                    help="instead: time the stock and the low-memory int8 stage, interleaved")
     ap.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "export_memory_models",
                     help="where the built models are kept (reused between runs)")
     args = ap.parse_args()
     results = {}
+    if args.ab_int8:
+        for shape in args.shapes.split(","):
+            build(shape, args.work_dir / shape)
+            r = ab_int8(args.work_dir / shape)
+            print(f"{shape}: " + "; ".join(f"{k} {', '.join(f'{t:.1f}' for t in v)} s" for k, v in r["times"].items())
+                  + f"; new/stock median: {r['ratio']:.2f}")
+        return
     if args.ab_graph_stages:
         for shape in args.shapes.split(","):
             build(shape, args.work_dir / shape)

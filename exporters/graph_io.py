@@ -9,6 +9,8 @@ live in an external data file while the stages run) and a file is written tensor
   so `onnx.load` (and onnxruntime) read the same ModelProto that `onnx.save` would have written.
   Past 2 GB, or when asked, the weights go to `<file>.data` instead (as `onnx.save` with external data does).
 - `attach_initializers` turns `torch.onnx.export(export_params=False)` output into a full graph.
+- `split_weights` reads a file the other way round: the graph of a self-contained file with its large
+  initializers moved to an external data file, reading the file one tensor at a time (int8's pre-processing).
 - `lazy_external_data` lets onnxruntime's transformer optimizer read an external tensor only when a fusion
   asks for its values (`numpy_helper.to_array` loads external data relative to the working directory).
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import onnx
@@ -148,6 +151,83 @@ def _point(tensor: TensorProto, location: str, offset: int, length: int) -> None
     for key, value in (("location", location), ("offset", offset), ("length", length)):
         tensor.external_data.add(key=key, value=str(value))
     tensor.data_location = TensorProto.EXTERNAL
+
+
+def _read_varint(f) -> int:
+    n = shift = 0
+    while True:
+        byte = f.read(1)
+        if not byte:
+            raise EOFError("truncated protobuf varint")
+        n |= (byte[0] & 0x7F) << shift
+        shift += 7
+        if byte[0] < 0x80:
+            return n
+
+
+def _fields(f, end: int) -> list:
+    """(number, start, payload start, end) of each field of the message from `f`'s position up to `end`."""
+    out = []
+    while f.tell() < end:
+        start = f.tell()
+        key = _read_varint(f)
+        number, wire = key >> 3, key & 7
+        if wire == 2:  # length-delimited: the payload follows its length
+            length = _read_varint(f)
+            payload = f.tell()
+            stop = payload + length
+        elif wire == 0:
+            _read_varint(f)
+            payload = stop = f.tell()
+        elif wire in (1, 5):
+            payload = f.tell()
+            stop = payload + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        f.seek(stop)
+        out.append((number, start, payload, stop))
+    return out
+
+
+def split_weights(src: Path, data_path: Path, size_threshold: int = EXTERNAL_MIN_BYTES) -> onnx.ModelProto:
+    """The ModelProto of `src` with the data of its large initializers in `data_path` (relative to the file this
+    model will be saved beside), read and written one tensor at a time: what `onnx.load(src)` and then
+    `onnx.save_model(..., save_as_external_data=True, all_tensors_to_one_file=True, size_threshold=...)` give,
+    without the file or its weights ever whole in memory. Tensors already external in `src` are copied over."""
+    src, data_path = Path(src), Path(data_path)
+    pieces = []
+    with open(src, "rb") as f, open(data_path, "wb") as data:
+        size = f.seek(0, 2)
+        f.seek(0)
+        for number, start, payload, stop in _fields(f, size):
+            if number != 7:  # ModelProto.graph: everything else is small
+                f.seek(start)
+                pieces.append(f.read(stop - start))
+                continue
+            graph = []
+            f.seek(payload)
+            for sub, s_start, s_payload, s_stop in _fields(f, stop):
+                f.seek(s_start if sub != 5 else s_payload)
+                blob = f.read(s_stop - f.tell())
+                if sub == 5:  # GraphProto.initializer
+                    tensor = TensorProto()
+                    tensor.ParseFromString(blob)
+                    del blob
+                    if uses_external_data(tensor):
+                        tensor.ParseFromString(_inline(tensor, src.parent))
+                    if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= size_threshold:
+                        offset = data.tell()
+                        data.write(tensor.raw_data)
+                        tensor.ClearField("raw_data")
+                        _point(tensor, data_path.name, offset, data.tell() - offset)
+                    blob = tensor.SerializeToString()
+                    blob = _field(5, len(blob)) + blob
+                graph.append(blob)
+            body = b"".join(graph)
+            pieces.append(_field(7, len(body)) + body)
+    model = onnx.ModelProto()
+    model.ParseFromString(b"".join(pieces))  # repeated graph fields merge, as when onnx.load parses the file
+    return model
 
 
 def attach_initializers(path: Path, params: dict, data_name: str) -> None:

@@ -30,7 +30,8 @@ from compressor.compaction import compact, write_compacted
 from compressor.errors import ExportError
 from compressor.io import atomic_output_dir, check_output_dir
 from compressor.masks import MaskSet, masked_copy
-from compressor.modeling.architecture import layers_of
+from compressor.modeling.architecture import layer_parts
+from compressor.modeling.descriptions import describe
 
 from . import graph_io
 from . import optimize as graph_opt
@@ -122,7 +123,7 @@ def export_graph(model: nn.Module, path: Path, opset: int = OPSET, external: Opt
     example = tuple(torch.ones(2, 8, dtype=torch.long) for _ in inputs)
     axes = {n: {0: "batch", 1: "sequence"} for n in inputs}
     axes[output] = {0: "batch", 1: "sequence"} if output == "last_hidden_state" else {0: "batch"}
-    with warnings.catch_warnings(), _recorded_initializers() as params:
+    with warnings.catch_warnings(), _recorded_initializers() as params, _shape_inference_without_weights():
         _export(model, inputs, output, example, path, opset, axes)
     if not params:  # a torch whose exporter no longer passes through the recorded step
         raise ExportError("torch.onnx.export recorded no initializers: this torch version is not supported by "
@@ -154,6 +155,28 @@ def _recorded_initializers():
         yield recorded
     finally:
         torch._C._jit_pass_onnx_deduplicate_initializers = original
+
+
+@contextlib.contextmanager
+def _shape_inference_without_weights():
+    """The TorchScript exporter's ONNX shape inference, given the float weights as typed inputs instead of values:
+    with their values it folds every transposed weight into a map it keeps until the pass ends (0.7x of a
+    BERT-base model's size at the export's peak, benchmarks/results/export_memory.md). Float weights carry no
+    shape, so the graph is the same (tests/test_graph_io.py); integer constants (shapes) still go in."""
+    original = getattr(torch._C, "_jit_pass_onnx_graph_shape_type_inference", None)
+    if original is None:  # a torch without this pass: export as it is (more memory, the same graph)
+        yield
+        return
+
+    def infer(graph, params, opset):
+        return original(graph, {k: v for k, v in params.items() if not (
+            v.is_floating_point() and v.numel() * v.element_size() >= graph_io.EXTERNAL_MIN_BYTES)}, opset)
+
+    torch._C._jit_pass_onnx_graph_shape_type_inference = infer
+    try:
+        yield
+    finally:
+        torch._C._jit_pass_onnx_graph_shape_type_inference = original
 
 
 def _export(model, inputs, output, example, path, opset, axes) -> None:
@@ -213,7 +236,7 @@ def export_onnx(model: nn.Module, out, masks: Optional[MaskSet] = None, config: 
     t_parity = time.perf_counter()
     compacted_outputs = verify.run_cases(verify.torch_runner(compacted, output), cases)
     verify_s += time.perf_counter() - t_parity
-    heads = [layer.attention.self.num_attention_heads for layer in layers_of(compacted)]
+    heads = [layer.attention.num_attention_heads for layer in layer_parts(compacted)]
     files, sizes = {}, {}
     with atomic_output_dir(out, overwrite) as tmp:
         write_compacted(compacted, tmp, tokenizer_dir)
@@ -230,7 +253,7 @@ def export_onnx(model: nn.Module, out, masks: Optional[MaskSet] = None, config: 
         if config.optimize:
             t = time.perf_counter()
             say("optimising the graph")
-            attention = graph_opt.optimize_graph(raw, deploy, model_type="bert")
+            attention = graph_opt.optimize_graph(raw, deploy, model_type=describe(base).ort_model_type)
             raw.unlink()
             for extra in tmp.glob("*.onnx.data"):  # external data of the raw graph, if it had any
                 if extra.name != "model.onnx.data":

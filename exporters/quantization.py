@@ -32,6 +32,7 @@ import onnx
 
 from compressor.errors import ExportError
 
+from . import graph_io
 from .runtime import make_session, release_memory
 
 CALIBRATION_EXAMPLES = 128  # --calibration-examples: texts the static ranges are calibrated on
@@ -149,19 +150,14 @@ def packaged_setup(tokenizer_dir: Path, max_length: int = 128, **kw) -> Int8Setu
 
 def preprocess(src: Path, dst: Path) -> Path:
     """What `quant_pre_process(skip_optimization=True, skip_symbolic_shape=True)` does (onnx shape inference at
-    quantization, and its metadata tag), without its extra in-memory copies: the graph is tagged and written with
-    its weights as external data, so that the shape inference each quantization runs reads no weights, and
-    contrib-op outputs typed (type_contrib_outputs). Symbolic shape inference is skipped: it gives up on the
-    sequence axis of our graphs."""
+    quantization, and its metadata tag), without its in-memory copies: the graph is read one tensor at a time with
+    its weights moved to external data (graph_io.split_weights, onnx.save_model's rule), so that no step holds the
+    weights and the shape inference each quantization runs reads none, tagged, and its contrib-op outputs typed
+    (type_contrib_outputs). Symbolic shape inference is skipped: it gives up on the sequence axis of our graphs."""
     from onnxruntime.quantization.quant_utils import add_pre_process_metadata
 
-    model = onnx.load(str(src))
-    add_pre_process_metadata(model)
-    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=dst.name + ".data", size_threshold=1024, convert_attribute=False)
-    del model
-    release_memory()
-    graph_only = onnx.load(str(dst), load_external_data=False)  # the weights stay on disk
+    graph_only = graph_io.split_weights(src, Path(dst).parent / (Path(dst).name + ".data"))
+    add_pre_process_metadata(graph_only)
     type_contrib_outputs(graph_only)
     onnx.save_model(graph_only, str(dst))
     return dst
@@ -216,14 +212,13 @@ def quantize(pre: Path, dst: Path, scheme: Scheme, setup: Optional[Int8Setup] = 
     """Write `dst`: the pre-processed graph `pre` quantized by `scheme`, the nodes `exclude` left fp32 (or only
     the nodes `only` quantized). Static schemes calibrate on `setup.calibration` once per `cache` file."""
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_dynamic, quantize_static)
+                                          quantize_static)
 
     # onnx's shape inference types no output of contrib ops (fused Attention): everything here is fp32
     extra = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     common = dict(per_channel=scheme.per_channel, nodes_to_exclude=list(exclude), nodes_to_quantize=list(only or []))
     if scheme.kind == "dynamic":
-        quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, extra_options=extra, **common)
-        return dst
+        return _quantize_dynamic(pre, dst, dict(weight_type=QuantType.QInt8, extra_options=extra, **common))
     if setup is None or not setup.calibration:
         raise ExportError("static int8 needs calibration texts: give --data (or a tokenizer for the packaged sample)")
     reader = type("Reader", (_Reader, CalibrationDataReader), {})(setup.calibration, input_names(pre))
@@ -232,6 +227,82 @@ def quantize(pre: Path, dst: Path, scheme: Scheme, setup: Optional[Int8Setup] = 
                     calibrate_method=CalibrationMethod.MinMax, calibration_cache_path=cache,
                     extra_options=dict(extra, MatMulConstBOnly=True), **common)
     return dst
+
+
+def _quantize_dynamic(pre: Path, dst: Path, options: dict) -> Path:
+    """`quantize_dynamic(pre, dst, **options)`, the fp32 weights left on disk (`weights_stay_on_disk`): the
+    quantizer writes its graph beside `pre` (int8 weights inline, fp32 ones still pointing into `pre`'s external
+    data), which is then written to `dst` self-contained one tensor at a time (graph_io.write_model)."""
+    from onnxruntime.quantization import quantize_dynamic
+
+    pre, dst = Path(pre).resolve(), Path(dst).resolve()
+    if not hooks_available():  # another onnxruntime: its own loading (same graph, fp32 weights in memory)
+        quantize_dynamic(str(pre), str(dst), **options)
+        return dst
+    tmp = pre.parent / f".{dst.name}.quantized.onnx"
+    try:
+        with weights_stay_on_disk(pre.parent):
+            quantize_dynamic(str(pre), str(tmp), **options)
+        release_memory()
+        graph_io.write_model(onnx.load(str(tmp), load_external_data=False), dst, base_dir=pre.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+# where onnxruntime.quantization loads a graph with its weights: quantize_dynamic's first load (onnx shape
+# inference through a file, then `onnx.load`) and the dynamic ONNXQuantizer's re-inference (a deep copy saved with
+# external data and loaded back), 2-3 copies of the fp32 weights at once (benchmarks/results/export_memory.md)
+_LOAD, _RELOAD = "load_model_with_shape_infer", "save_and_reload_model_with_shape_infer"
+_HOOKED_MODULES = ("quantize", "onnx_quantizer", "base_quantizer", "quant_utils")
+
+
+def _quant_modules() -> dict:
+    import importlib
+
+    return {m: importlib.import_module(f"onnxruntime.quantization.{m}") for m in _HOOKED_MODULES}
+
+
+def hooks_available() -> bool:
+    """Whether this onnxruntime loads graphs where `weights_stay_on_disk` replaces the loading."""
+    mods = _quant_modules()
+    return hasattr(mods["quantize"], _LOAD) and hasattr(mods["onnx_quantizer"], _RELOAD)
+
+
+@contextlib.contextmanager
+def weights_stay_on_disk(directory: Path):
+    """While active, onnxruntime's quantizer runs on graphs whose large initializers stay external data in
+    `directory`: its two loading steps infer shapes exactly as before but load no weights, and each weight is read
+    from disk when the quantizer asks for its values (`numpy_helper.to_array` reads external data relative to the
+    working directory and leaves the tensor as it was). Same graph out; in memory only the graph, one fp32 tensor
+    at a time and the int8 weights."""
+    from onnxruntime.quantization.quant_utils import add_infer_metadata, generate_identified_filename
+
+    def load(model_path):  # quant_utils.load_model_with_shape_infer without load_external_data
+        inferred = generate_identified_filename(Path(model_path), "-inferred")
+        onnx.shape_inference.infer_shapes_path(str(model_path), str(inferred))
+        model = onnx.load(str(inferred), load_external_data=False)
+        add_infer_metadata(model)
+        inferred.unlink()
+        return model
+
+    def reload(model):  # save_and_reload_model_with_shape_infer: the large tensors are external already
+        inferred = onnx.shape_inference.infer_shapes(model)
+        add_infer_metadata(inferred)
+        return inferred
+
+    saved = []
+    try:
+        for module in _quant_modules().values():
+            for name, hook in ((_LOAD, load), (_RELOAD, reload)):
+                if hasattr(module, name):
+                    saved.append((module, name, getattr(module, name)))
+                    setattr(module, name, hook)
+        with graph_io.lazy_external_data(directory):
+            yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
 
 
 # ----------------------------------------------------------------------------------------------- measure

@@ -175,8 +175,8 @@ def search_summary(entry: dict) -> list:
 
 def write_int8(src: Path, dst: Path) -> None:
     """onnxruntime dynamic per-tensor quantization of the optimised graph (int8 weights of MatMul, fused
-    Attention, embedding Gathers), pre-processed without extra in-memory copies (quantization.preprocess), so
-    that only `quantize_dynamic`'s own copy of the fp32 graph is ever in memory."""
+    Attention, embedding Gathers), pre-processed one tensor at a time (quantization.preprocess) and quantized
+    with the fp32 weights left on disk (quantization.weights_stay_on_disk): no stage holds the fp32 weights."""
     from . import quantization
 
     with tempfile.TemporaryDirectory() as tmp:

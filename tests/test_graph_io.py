@@ -96,3 +96,30 @@ def test_compact_in_place_is_the_copying_compaction(tmp_path):
     assert list(state) == list(expected) and all(torch.equal(state[k], expected[k]) for k in state)
     kept = {p.data_ptr() for p in got.parameters()} & before
     assert len(kept) > len(before) // 2  # unpruned weights were taken over, not copied
+
+
+@pytest.mark.parametrize("form", ["inline", "two graph fields", "external"])
+def test_split_weights_is_onnx_save_with_external_data(compacted, tmp_path, form):
+    """`split_weights` (int8's pre-processing reads the deploy graph with it) gives the graph `onnx.save_model`
+    with external data writes, from a self-contained file, one written by `write_model` (its initializers in a
+    second `graph` field) or one whose weights are external already."""
+    model, d = compacted
+    if not (d / "stock.onnx").exists():
+        _stock_export(model, d / "stock.onnx")
+    src = tmp_path / "src.onnx"
+    stock = onnx.load(str(d / "stock.onnx"))
+    if form == "inline":
+        onnx.save_model(stock, str(src))
+    else:
+        graph_io.write_model(stock, src, external=form == "external")
+    expected = tmp_path / "expected" / "m.onnx"
+    expected.parent.mkdir()
+    onnx.save_model(onnx.load(str(src)), str(expected), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=graph_io.EXTERNAL_MIN_BYTES)
+    got = tmp_path / "got" / "m.onnx"
+    got.parent.mkdir()
+    shell = graph_io.split_weights(src, got.parent / "m.onnx.data")
+    onnx.save_model(shell, str(got))
+    assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in shell.graph.initializer) > 10
+    assert shell == onnx.load(str(expected), load_external_data=False)  # the same offsets, in the same file
+    assert _proto(got) == _proto(expected) == _proto(d / "stock.onnx")

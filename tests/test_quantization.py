@@ -5,6 +5,8 @@ bounds, or the units kept fp32 by option) is recorded in export.md; bad int8 opt
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import onnx
 import pytest
@@ -91,6 +93,45 @@ def test_nodes_to_exclude_stay_fp32(pre, tmp_path, scheme):
     assert len(int8) >= len(names) - 1  # the others are quantized
     assert not any(n in by_name and by_name[n].op_type == "MatMul" for n in names if n not in kept
                    and "MatMul" in n and scheme.kind == "dynamic")
+
+
+def _loaded(path) -> bytes:
+    model = onnx.load(str(path))
+    for t in model.graph.initializer:  # onnx.load marks tensors it read from external data DEFAULT explicitly
+        t.ClearField("data_location")
+    return model.SerializeToString()  # canonical field order: equal bytes = equal models
+
+
+@pytest.mark.parametrize("per_channel,exclude", [(False, False), (True, True)])
+def test_dynamic_int8_is_the_graph_quantize_dynamic_writes(exported, pre, tmp_path, per_channel, exclude):
+    """The dynamic int8 graph, quantized with the fp32 weights left on disk (weights_stay_on_disk), is the one
+    onnxruntime's own `quantize_dynamic` writes from the same pre-processed graph with the same options; the
+    pre-processed graph (read one tensor at a time) is the one the stock recipe writes."""
+    from onnx.external_data_helper import uses_external_data
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.quant_utils import add_pre_process_metadata
+
+    assert q.hooks_available()  # else this onnxruntime quantizes with its weights in memory
+    scheme = q.Scheme("dynamic", per_channel)
+    kept = q.units(pre, scheme)["layer 0 ffn in"] if exclude else []
+    quantize_dynamic(str(pre), str(tmp_path / "stock.onnx"), weight_type=QuantType.QInt8, per_channel=per_channel,
+                     nodes_to_exclude=kept, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    got = q.quantize(pre, tmp_path / "low.onnx", scheme, exclude=kept)
+    assert _loaded(got) == _loaded(tmp_path / "stock.onnx")
+    assert not list(pre.parent.glob(".*quantized*"))  # its scratch file is gone
+    with q.weights_stay_on_disk(pre.parent):  # what the quantizer loads: the graph, its weights on disk
+        loaded = importlib.import_module("onnxruntime.quantization.quantize").load_model_with_shape_infer(pre)
+    assert sum(uses_external_data(t) for t in loaded.graph.initializer) > 10
+
+    model = onnx.load(str(exported))  # the stock pre-processing: the model loaded whole
+    add_pre_process_metadata(model)
+    stock = tmp_path / "pre" / "pre.onnx"
+    stock.parent.mkdir()
+    onnx.save_model(model, str(stock), save_as_external_data=True, location="pre.onnx.data")
+    graph_only = onnx.load(str(stock), load_external_data=False)
+    q.type_contrib_outputs(graph_only)
+    onnx.save_model(graph_only, str(stock))
+    assert onnx.load(str(pre), load_external_data=False) == graph_only and _loaded(pre) == _loaded(stock)
 
 
 def plant_outlier(src, dst, node_name: str) -> None:
