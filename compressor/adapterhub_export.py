@@ -4,12 +4,14 @@ AdapterHub cannot hold everything compaction produces, so the written model is t
 as AdapterHub's configs allow, padded with exact zeros where they cannot vary:
 - heads: transformers' `pruned_heads` in config.json (a layer keeps at least one head; if all were pruned,
   head 0 stays with zero output columns, which contributes nothing);
-- FFN neurons: one `intermediate_size`, the largest kept width; narrower layers get zero rows and columns;
+- FFN neurons: one FFN width (`intermediate_size`; DistilBERT: `hidden_dim`), the largest kept width; narrower
+  layers get zero rows and columns;
 - bottleneck neurons: a per-layer `reduction_factor` mapping, width k written as hidden / (k + 0.5) (AdapterHub
   computes int(hidden // rf)); the attention and FFN sites of a layer share it, so the narrower is zero-padded;
 - fused adapters: an adapter pruned from a layer's fusion is left out of that layer (`leave_out`); the fusion
   order is changed, where the adapters' placements allow, so that its last adapter runs wherever the fusion does.
-The result is loaded back with our loader and compared with the compacted model: a model that AdapterHub
+Base weights of a layer our surgery rebuilt (DistilBERT) go back under transformers' names. The result is
+loaded back with our loader and compared with the compacted model: a model that AdapterHub
 cannot represent exactly is an error, never a silently different file.
 """
 
@@ -25,7 +27,7 @@ from torch import nn
 
 from .errors import UnsupportedAdapterError
 from .masks import MaskSet, masked_copy
-from .modeling.architecture import layer_parts
+from .modeling.architecture import layer_parts, transformers_names
 from .modeling.config import NAMED_FUSION_CONFIGS, FusionConfig
 from .modeling.descriptions import describe
 from .units import active_adapter_names
@@ -90,7 +92,7 @@ def write_adapterhub(model: nn.Module, maskset: Optional[MaskSet], out: Path, re
         state[f"{ffn}.weight"] = _pad_rows(state[f"{ffn}.weight"][keep], width)
         state[f"{ffn}.bias"] = _pad_rows(state[f"{ffn}.bias"][keep], width)
         state[f"{reader}.weight"] = _pad_cols(state[f"{reader}.weight"][:, keep], width)
-    config.intermediate_size = width
+    setattr(config, d.ffn_size_field, width)
 
     # fused adapters -> leave_out; bottleneck neurons -> per-layer widths
     fusion = hub["fusions"].get(setup)
@@ -148,6 +150,7 @@ def write_adapterhub(model: nn.Module, maskset: Optional[MaskSet], out: Path, re
     # only the active setup travels; drop the rest
     keep_names = _setup_names(hub, setup)
     state = {k: v for k, v in state.items() if _belongs(k, keep_names, setup)}
+    state = _rename_base_weights(state, prefix, transformers_names(d))
     hub_section = _hub_section(hub, setup, keep_names)
     raw = config.to_dict()
     raw["adapters"] = hub_section
@@ -159,6 +162,20 @@ def write_adapterhub(model: nn.Module, maskset: Optional[MaskSet], out: Path, re
     from safetensors.torch import save_file
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     _verify(out, setup, model, reference)
+    return out
+
+
+def _rename_base_weights(state: dict, prefix: str, names: dict) -> dict:
+    """Base weights of a layer we rebuilt (DistilBERT) under transformers' names again."""
+    if not names:
+        return state
+    out = {}
+    for key, value in state.items():
+        if key.startswith(prefix + "."):
+            index, rest = key[len(prefix) + 1:].split(".", 1)
+            module, leaf = rest.rsplit(".", 1)
+            key = f"{prefix}.{index}.{names.get(module, module)}.{leaf}"
+        out[key] = value
     return out
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from .io import atomic_output_dir
 from .masks import MaskSet, apply_masks
-from .modeling.architecture import layers_of
+from .modeling.architecture import LayerParts, layer_parts
 from .modeling.loading import MANIFEST_FILE
 from .modeling.modules import AdapterSite, Bottleneck, Fusion, Intermediate, SelfAttention
 from .units import fingerprint
@@ -56,10 +56,10 @@ def compact(model: nn.Module, maskset: Optional[MaskSet] = None, in_place: bool 
     if maskset is not None:
         apply_masks(model, maskset)
     manifest = model.compress_manifest
-    for layer, spec in zip(layers_of(model), manifest["layers"]):
+    for layer, spec in zip(layer_parts(model), manifest["layers"]):
         spec["heads"] = _compact_attention(layer)
         spec["intermediate"] = _compact_ffn(layer)
-        for s, site in (("mh_adapter", layer.attention.output), ("output_adapter", layer.output)):
+        for s, site in layer.sites:
             spec["sites"][s] = _compact_site(site, spec["sites"][s])
     manifest["compacted"] = True
     if maskset is not None:
@@ -67,8 +67,8 @@ def compact(model: nn.Module, maskset: Optional[MaskSet] = None, in_place: bool 
     return model.eval()
 
 
-def _compact_attention(layer) -> int:
-    att: SelfAttention = layer.attention.self
+def _compact_attention(layer: LayerParts) -> int:
+    att: SelfAttention = layer.attention
     d = att.attention_head_size
     heads = _kept(att.get_mask("heads"), att.num_attention_heads)
     rows = (heads[:, None] * d + torch.arange(d)[None, :]).flatten()
@@ -76,20 +76,20 @@ def _compact_attention(layer) -> int:
     for name in ("query", "key", "value"):
         old = getattr(att, name)
         setattr(new, name, _linear(_take(old.weight, rows), _take(old.bias, rows)))
-    layer.attention.self = new
-    dense = layer.attention.output.dense
-    layer.attention.output.dense = _linear(_take(dense.weight, rows, 1), dense.bias)
+    layer.replace_attention(new)
+    dense = layer.mh_site.dense
+    layer.mh_site.dense = _linear(_take(dense.weight, rows, 1), dense.bias)
     return len(heads)
 
 
-def _compact_ffn(layer) -> int:
-    ffn: Intermediate = layer.intermediate
+def _compact_ffn(layer: LayerParts) -> int:
+    ffn: Intermediate = layer.ffn
     keep = _kept(ffn.get_mask("neurons"), ffn.dense.out_features)
     new = Intermediate(ffn.dense.in_features, len(keep), ffn.intermediate_act_fn)
     new.dense = _linear(_take(ffn.dense.weight, keep), _take(ffn.dense.bias, keep))
-    layer.intermediate = new
-    dense = layer.output.dense
-    layer.output.dense = _linear(_take(dense.weight, keep, 1), dense.bias)
+    layer.replace_ffn(new)
+    dense = layer.out_site.dense
+    layer.out_site.dense = _linear(_take(dense.weight, keep, 1), dense.bias)
     return len(keep)
 
 

@@ -137,6 +137,8 @@ def add_fusion(config: dict, state: dict, names=ADAPTER_NAMES, adapter_config=No
         config_map={"seq_bn_default": adapter_config},
         fusions={fusion_name: "dynamic"}, fusion_config_map={}, fusion_name_map={fusion_name: list(names)},
     )
+    from .modeling.descriptions import describe
+
     gen = torch.Generator().manual_seed(seed)
     width = int(hidden // adapter_config["reduction_factor"])
 
@@ -144,7 +146,7 @@ def add_fusion(config: dict, state: dict, names=ADAPTER_NAMES, adapter_config=No
         return torch.randn(*shape, generator=gen) * 0.02
 
     for i in range(layers):
-        site = f"encoder.layer.{i}.output"
+        site = describe("bert").site_path(i, "output_adapter")
         for name in names:
             p = f"{site}.adapters.{name}"
             state[f"{p}.adapter_down.0.weight"] = normal(width, hidden)

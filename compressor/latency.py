@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .errors import PruningConfigError, ProviderUnavailableError
-from .modeling.architecture import encoder_of, layers_of
+from .modeling.architecture import encoder_of, layer_parts, layers_of
 from .modeling.descriptions import describe, set_submodule, submodule
 from .units import active_adapter_names, unit_key
 
@@ -92,11 +92,11 @@ def layer_counts(model: nn.Module, masks: Optional[dict] = None) -> list:
     masks = masks or {}
     paths = _paths(model)
     out = []
-    for layer in layers_of(model):
-        att, ffn = layer.attention.self, layer.intermediate
+    for layer in layer_parts(model):
+        att, ffn = layer.attention, layer.ffn
         c = dict(heads=int(_kept(masks, unit_key(paths[id(att)], "heads"), att.num_attention_heads).sum()),
                  neurons=int(_kept(masks, unit_key(paths[id(ffn)], "neurons"), ffn.dense.out_features).sum()))
-        for sname, site in zip(SITES, (layer.attention.output, layer.output)):
+        for sname, site in layer.sites:
             names = active_adapter_names(site)
             if not names:
                 continue
@@ -228,14 +228,14 @@ def _points(n: int) -> list:
 
 def _configurations(sub: nn.Module) -> list:
     """(kind, count, masks) for the one-layer copy `sub`: each kind varied with the others dense."""
-    layer = layers_of(sub)[0]
+    layer = layer_parts(sub)[0]
     paths = _paths(sub)
-    att, ffn = layer.attention.self, layer.intermediate
+    att, ffn = layer.attention, layer.ffn
     out = [("dense", None, {})]
     for kind, module, n in (("heads", att, att.num_attention_heads), ("neurons", ffn, ffn.dense.out_features)):
         key = unit_key(paths[id(module)], kind)
         out += [(kind, k, {key: _first(n, k)}) for k in _points(n)[:-1]]
-    for sname, site in zip(SITES, (layer.attention.output, layer.output)):
+    for sname, site in layer.sites:
         names = active_adapter_names(site)
         if not names:
             continue
@@ -263,7 +263,7 @@ def onnx_graph(model: nn.Module, path: Path) -> Path:
 
     raw = path.with_suffix(".raw.onnx")
     export_graph(model, raw)
-    graph_opt.optimize_graph(raw, path, model_type="bert")
+    graph_opt.optimize_graph(raw, path, model_type=describe(model.base_model.config).ort_model_type)
     raw.unlink()
     return path
 

@@ -83,7 +83,9 @@ def adapter_attention_fusion(onnx_model):
             root = matmul_q.input[0]
             if matmul_k.input[0] != root or matmul_v.input[0] != root:
                 return
-            num_heads, _ = self.get_num_heads_and_hidden_size(q_nodes[1])
+            # hidden_size: the heads' width (num_heads x head size), which onnxruntime checks against num_heads;
+            # after pruning it is narrower than the layer's input (3 heads of 8 in a 32-wide model)
+            num_heads, hidden_size = self.get_num_heads_and_hidden_size(q_nodes[1])
             q_weight = m.get_initializer(matmul_q.input[1])
             if num_heads <= 0 or q_weight is None:
                 return
@@ -93,7 +95,7 @@ def adapter_attention_fusion(onnx_model):
                 mask_index=self.attention_mask.process_mask(mask_nodes[-1].input[0]),
                 q_matmul=matmul_q, k_matmul=matmul_k, v_matmul=matmul_v,
                 q_add=q_nodes[-2], k_add=k_nodes[-2], v_add=v_nodes[-2],
-                num_heads=num_heads, hidden_size=q_weight.dims[0], first_input=root, output=reshape_qkv.output[0])
+                num_heads=num_heads, hidden_size=hidden_size, first_input=root, output=reshape_qkv.output[0])
             if node is None:
                 return
             self.nodes_to_add.append(node)

@@ -60,6 +60,9 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertModel,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    DistilBertModel,
     ElectraConfig,
     ElectraForSequenceClassification,
     ElectraModel,
@@ -71,7 +74,8 @@ from transformers import (
     XLMRobertaModel,
 )
 
-from adapters import BertAdapterModel, ElectraAdapterModel, RobertaAdapterModel, XLMRobertaAdapterModel
+from adapters import (BertAdapterModel, DistilBertAdapterModel, ElectraAdapterModel, RobertaAdapterModel,
+                      XLMRobertaAdapterModel)
 
 HIDDEN = 32
 NUM_LAYERS = 2
@@ -85,9 +89,12 @@ FLEX_NUM_LABELS = 3
 FORMATS = ("full", "full_bin", "split_bin", "split_safetensors")
 PADDINGS = ("right", "left")
 
-ARCHS = ("bert", "roberta", "xlm-roberta", "electra")
+ARCHS = ("bert", "roberta", "xlm-roberta", "electra", "mbert", "distilbert")
+MBERT_VOCAB = 119547  # bert-base-multilingual-cased
 _CLASSES = {  # arch -> (encoder, sequence classification, AdapterHub flex-head model)
     "bert": (BertModel, BertForSequenceClassification, BertAdapterModel),
+    "mbert": (BertModel, BertForSequenceClassification, BertAdapterModel),
+    "distilbert": (DistilBertModel, DistilBertForSequenceClassification, DistilBertAdapterModel),
     "roberta": (RobertaModel, RobertaForSequenceClassification, RobertaAdapterModel),
     "xlm-roberta": (XLMRobertaModel, XLMRobertaForSequenceClassification, XLMRobertaAdapterModel),
     "electra": (ElectraModel, ElectraForSequenceClassification, ElectraAdapterModel),
@@ -124,6 +131,8 @@ class Case:
         # safetensors (neither save_pretrained nor save_adapter(use_safetensors=True)).
         if any(isinstance(spec, Mapping) and spec.get("ln_before") for _, spec in self.adapters):
             return ("full_bin", "split_bin")
+        if self.arch == "mbert":  # one full and one split format: each copy of the embedding costs
+            return ("full", "split_bin")
         return FORMATS
 
     @property
@@ -316,6 +325,21 @@ CASES: List[Case] = [
     _fuse("electra_regression_fuse2", [("a", "seq_bn"), ("b", _c("seq_bn", reduction_factor=4))], arch="electra",
           head="regression"),
     _fuse("electra_flex_fuse2", [("a", "double_seq_bn"), ("b", "double_seq_bn")], arch="electra", head="flex"),
+    # --- mBERT: a BERT with mBERT's 119,547-token vocabulary (two formats: the embedding dominates the cost) --
+    _single("mbert_seq_bn", "seq_bn", arch="mbert"),
+    _fuse("mbert_flex_fuse2", [("a", "seq_bn"), ("b", _c("seq_bn", reduction_factor=4))], arch="mbert", head="flex"),
+    # --- DistilBERT: its own block (q_lin/k_lin/v_lin/out_lin, sa_layer_norm, ffn.lin1/lin2, output_layer_norm) --
+    _single("distilbert_double_seq_bn", "double_seq_bn", arch="distilbert"),
+    _single("distilbert_seq_bn_options", _c("seq_bn", residual_before_ln=False, ln_after=True, use_gating=True,
+                                            scaling="channel", non_linearity="gelu"), arch="distilbert"),
+    _fuse("distilbert_fuse2_double_seq_bn", [("a", _c("double_seq_bn", leave_out=[0])), ("b", "double_seq_bn")],
+          arch="distilbert"),
+    _fuse("distilbert_seqcls_fuse2_static", [("a", "seq_bn"), ("b", _c("seq_bn", reduction_factor=4))], "static",
+          arch="distilbert", head="seqcls"),
+    Case(id="distilbert_flex_double_seq_bn", arch="distilbert", head="flex", adapters=((FLEX_HEAD, "double_seq_bn"),),
+         active=FLEX_HEAD),
+    _fuse("distilbert_flex_fuse2", [("a", "double_seq_bn"), ("b", "double_seq_bn")],
+          _c("dynamic", residual_before=True), arch="distilbert", head="flex"),
 ]
 
 # Options the toolkit does not support: loading must raise UnsupportedAdapterError naming them.
@@ -352,6 +376,12 @@ def tiny_config(arch: str, num_labels: Optional[int] = None):
         common["num_labels"] = num_labels
     if arch == "bert":
         return BertConfig(**common)
+    if arch == "mbert":
+        return BertConfig(**dict(common, vocab_size=MBERT_VOCAB))
+    if arch == "distilbert":  # transformers' DistilBERT names its fields its own way
+        labels = {} if num_labels is None else dict(num_labels=num_labels)
+        return DistilBertConfig(dim=HIDDEN, n_layers=NUM_LAYERS, n_heads=4, hidden_dim=37, vocab_size=VOCAB,
+                                max_position_embeddings=64, **labels)
     if arch in ("roberta", "xlm-roberta"):
         cls = RobertaConfig if arch == "roberta" else XLMRobertaConfig
         return cls(pad_token_id=1, bos_token_id=0, eos_token_id=2, type_vocab_size=1, **common)
@@ -441,13 +471,17 @@ def make_inputs(arch: str, padding: str, seed: int = 0) -> Dict[str, torch.Tenso
     token_type_ids = torch.zeros((BATCH, SEQ_LEN), dtype=torch.long)
     for row, n in enumerate(LENGTHS):
         sl = slice(0, n) if padding == "right" else slice(SEQ_LEN - n, SEQ_LEN)
-        input_ids[row, sl] = torch.randint(3, VOCAB, (n,), generator=gen)
+        input_ids[row, sl] = torch.randint(3, vocab_size(arch), (n,), generator=gen)
         attention_mask[row, sl] = 1
         token_type_ids[row, sl] = torch.randint(0, 2, (n,), generator=gen)
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if arch in ("bert", "electra"):
+    if arch in ("bert", "mbert", "electra"):
         inputs["token_type_ids"] = token_type_ids
     return inputs
+
+
+def vocab_size(arch: str) -> int:
+    return MBERT_VOCAB if arch == "mbert" else VOCAB
 
 
 def reference_outputs(model: nn.Module, case: Case, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:

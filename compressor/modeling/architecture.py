@@ -17,6 +17,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, Pretrain
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..errors import UnsupportedAdapterError
+from . import modules
 from .config import BottleneckConfig, FusionConfig
 from .descriptions import describe, set_submodule, submodule
 from .modules import AdapterSite, Bottleneck, Fusion, Intermediate, PredictionHead, SelfAttention
@@ -43,7 +44,9 @@ class FlexHeadModel(nn.Module):
         return getattr(self, self.base_model_prefix)
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, **kwargs)
+        if token_type_ids is not None:  # not passed otherwise: DistilBERT's forward has no such argument
+            kwargs["token_type_ids"] = token_type_ids
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if self.active_head is None:  # an AdapterHub model saved without a head: hidden states, like transformers
             return out
         head = self.heads[self.active_head]
@@ -73,10 +76,19 @@ class LayerParts(NamedTuple):
     ffn: nn.Module  # Intermediate: the FFN neurons
     mh_site: nn.Module  # AdapterSite after attention (its dense reads the heads)
     out_site: nn.Module  # AdapterSite after the FFN (its dense reads the neurons)
+    module: nn.Module = None  # the layer itself
+    description: object = None  # its ModelDescription
 
     @property
     def sites(self) -> tuple:
         return (("mh_adapter", self.mh_site), ("output_adapter", self.out_site))
+
+    def replace_attention(self, new: nn.Module) -> None:
+        """Put `new` where the layer's SelfAttention is (compaction)."""
+        set_submodule(self.module, self.description.attention, new)
+
+    def replace_ffn(self, new: nn.Module) -> None:
+        set_submodule(self.module, self.description.ffn, new)
 
 
 def layer_parts(model: nn.Module) -> list:
@@ -85,7 +97,7 @@ def layer_parts(model: nn.Module) -> list:
     layers = layers_of(model)
     prefix = next(p for p, m in model.named_modules() if m is layers)
     return [LayerParts(i, f"{prefix}.{i}", submodule(layer, d.attention), submodule(layer, d.ffn),
-                       *sites_of(layer, d)) for i, layer in enumerate(layers)]
+                       *sites_of(layer, d), layer, d) for i, layer in enumerate(layers)]
 
 
 def layer_of_path(model: nn.Module, module_path: str) -> LayerParts:
@@ -132,6 +144,7 @@ def manifest_from_adapterhub(config: PretrainedConfig, model_class: str, adapter
                              heads: Optional[dict] = None, active_head: Optional[str] = None) -> dict:
     """adapters: name -> BottleneckConfig; fusions: name -> (adapter names, FusionConfig)."""
     hidden, n_layers = config.hidden_size, config.num_hidden_layers
+    ffn_size = describe(config).ffn_size(config)
     layers = []
     for i in range(n_layers):
         sites = {s: dict(adapters={}, fusions={}, active=None, placement={}) for s in SITES}
@@ -147,7 +160,7 @@ def manifest_from_adapterhub(config: PretrainedConfig, model_class: str, adapter
                 if all(getattr(adapters[n], s) for n in names):
                     sites[s]["fusions"][fname] = site_fusion_entry(fcfg, names)
         pruned = (getattr(config, "pruned_heads", None) or {}).get(i, [])  # transformers prunes these at init
-        layers.append(dict(heads=config.num_attention_heads - len(pruned), intermediate=config.intermediate_size,
+        layers.append(dict(heads=config.num_attention_heads - len(pruned), intermediate=ffn_size,
                            sites=sites))
     return dict(
         format="compressor-manifest", version=MANIFEST_VERSION, model_class=model_class,
@@ -220,11 +233,13 @@ def install_modules(model: nn.Module, manifest: dict) -> nn.Module:
     config = base_config_of(model)
     d = describe(config)
     hidden, head_dim = config.hidden_size, manifest["head_dim"]
+    if d.layer_class is not None:
+        _rebuild_layers(layers_of(model), d, config, head_dim)
     for layer, spec in zip(layers_of(model), manifest["layers"]):
-        att = SelfAttention(hidden, spec["heads"], head_dim, config.attention_probs_dropout_prob)
+        att = SelfAttention(hidden, spec["heads"], head_dim, d.attention_dropout(config))
         _copy_if_same_shape(att, submodule(layer, d.attention))
         set_submodule(layer, d.attention, att)
-        ffn = Intermediate(hidden, spec["intermediate"], config.hidden_act)
+        ffn = Intermediate(hidden, spec["intermediate"], d.activation(config))
         _copy_if_same_shape(ffn, submodule(layer, d.ffn))
         set_submodule(layer, d.ffn, ffn)
         set_submodule(layer, d.attention_output, _new_site(submodule(layer, d.attention_output), "mh_adapter"))
@@ -248,6 +263,38 @@ def install_modules(model: nn.Module, manifest: dict) -> nn.Module:
                     bottleneck_widths=widths)
     apply_setup(model, manifest)
     return model
+
+
+def _rebuild_layers(layers: nn.ModuleList, d, config: PretrainedConfig, head_dim: int) -> None:
+    """Replace each transformers layer by the description's `layer_class`, made of our parts holding the
+    layer's own modules (`d.source` says where they sit); install_modules then gives them the manifest's shapes."""
+    cls = getattr(modules, d.layer_class)
+    for i, old in enumerate(layers):
+        if isinstance(old, cls):
+            continue
+        part = {role: submodule(old, path) if path else nn.Identity() for role, path in d.source}
+        att = SelfAttention(config.hidden_size, 0, head_dim, d.attention_dropout(config))
+        att.query, att.key, att.value = part["query"], part["key"], part["value"]
+        att.num_attention_heads = part["query"].out_features // head_dim
+        att.all_head_size = part["query"].out_features
+        ffn = Intermediate(config.hidden_size, 0, d.activation(config))
+        ffn.dense = part["ffn_in"]
+        layers[i] = cls(att, AdapterSite(part["attention_dense"], part["attention_norm"], part["attention_dropout"],
+                                         "mh_adapter"),
+                        ffn, AdapterSite(part["ffn_dense"], part["ffn_norm"], part["ffn_dropout"], "output_adapter"))
+
+
+# where each role of `d.source` sits in our layer (the attribute names of our modules)
+_OUR_PARTS = dict(query="{attention}.query", key="{attention}.key", value="{attention}.value",
+                  attention_dense="{attention_output}.dense", attention_norm="{attention_output}.LayerNorm",
+                  ffn_in="{ffn}.dense", ffn_dense="{ffn_output}.dense", ffn_norm="{ffn_output}.LayerNorm")
+
+
+def transformers_names(d) -> dict:
+    """{module path in our layer: module path in transformers' layer} for a type whose layer we rebuild (empty
+    for the others: their names are transformers' own). AdapterHub write-back renames base weights with it."""
+    paths = dict(attention=d.attention, attention_output=d.attention_output, ffn=d.ffn, ffn_output=d.ffn_output)
+    return {_OUR_PARTS[role].format(**paths): path for role, path in d.source if path and role in _OUR_PARTS}
 
 
 def apply_setup(model: nn.Module, manifest: dict) -> None:

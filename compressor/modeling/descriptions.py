@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Optional
 
 from ..errors import UnsupportedAdapterError
 
@@ -29,6 +30,30 @@ class ModelDescription:
     attention_output: str = "attention.output"  # dense + LayerNorm after attention: the mh_adapter site
     ffn: str = "intermediate"  # the FFN's first projection and activation (replaced by Intermediate)
     ffn_output: str = "output"  # dense + LayerNorm after the FFN: the output_adapter site
+    # config fields that a model type names its own way (DistilBERT: hidden_dim, activation, attention_dropout)
+    ffn_size_field: str = "intermediate_size"
+    activation_field: str = "hidden_act"
+    attention_dropout_field: str = "attention_probs_dropout_prob"
+    # A layout unlike BERT's (DistilBERT): our surgery replaces transformers' whole layer by `layer_class` (in
+    # modeling/modules.py), whose attribute names are the four paths above; `source` says where each part sits
+    # in transformers' layer: (role, path) for query, key, value, attention_dense, attention_norm, ffn_in,
+    # ffn_dense, ffn_norm and the dropouts after the two dense layers (None: none there).
+    layer_class: Optional[str] = None
+    source: tuple = ()
+
+    def ffn_size(self, config) -> int:
+        return getattr(config, self.ffn_size_field)
+
+    def activation(self, config) -> str:
+        return getattr(config, self.activation_field)
+
+    def attention_dropout(self, config) -> float:
+        return getattr(config, self.attention_dropout_field)
+
+    def site_path(self, layer: int, site: str) -> str:
+        """The module path, under the base model, of adapter site `site` (mh_adapter | output_adapter) of a
+        layer: where AdapterHub's state-dict keys put that site's adapters and fusions."""
+        return f"{self.layers}.{layer}.{self.attention_output if site == 'mh_adapter' else self.ffn_output}"
 
     @cached_property
     def adapter_key(self) -> re.Pattern:
@@ -43,7 +68,17 @@ DESCRIPTIONS = {d.model_type: d for d in (
     ModelDescription("roberta", "RobertaAdapterModel", position_offset=True, token_types=False),
     ModelDescription("xlm-roberta", "XLMRobertaAdapterModel", position_offset=True, token_types=False),
     ModelDescription("electra", "ElectraAdapterModel", pooler=False),  # its embedding projection stays transformers'
-
+    # AdapterHub's TransformerBlockWithAdapters: attention_adapters(out_lin output, block input, sa_layer_norm),
+    # output_adapters(lin2 output, attention site output, output_layer_norm); no token types, no pooler
+    ModelDescription(
+        "distilbert", "DistilBertAdapterModel", token_types=False, pooler=False, layers="transformer.layer",
+        attention="attention", attention_output="attention_adapters", ffn="ffn", ffn_output="output_adapters",
+        ffn_size_field="hidden_dim", activation_field="activation", attention_dropout_field="attention_dropout",
+        layer_class="DistilBertLayer", source=(
+            ("query", "attention.q_lin"), ("key", "attention.k_lin"), ("value", "attention.v_lin"),
+            ("attention_dense", "attention.out_lin"), ("attention_norm", "sa_layer_norm"),
+            ("attention_dropout", None), ("ffn_in", "ffn.lin1"), ("ffn_dense", "ffn.lin2"),
+            ("ffn_norm", "output_layer_norm"), ("ffn_dropout", "ffn.dropout"))),
 )}
 
 

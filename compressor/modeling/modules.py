@@ -377,6 +377,36 @@ class AdapterSite(nn.Module):
         return out
 
 
+class DistilBertLayer(nn.Module):
+    """A DistilBERT block (transformers' TransformerBlock) made of our parts, laid out as AdapterHub's
+    TransformerBlockWithAdapters: attention, then the mh_adapter site `attention_adapters` (dense = out_lin,
+    LayerNorm = sa_layer_norm, residual = the block's input), the FFN, then the output_adapter site
+    `output_adapters` (dense = lin2, LayerNorm = output_layer_norm, residual = the attention site's output).
+
+    transformers hands every block the raw [batch, seq] 0/1 mask (eager attention); it becomes BERT's additive
+    mask here, in the same ops as BERT's extended mask so that onnxruntime's attention fusion matches it. A
+    masked score is finfo.min where DistilBERT writes finfo.min over it: both are exactly 0 after the softmax.
+    """
+
+    def __init__(self, attention: SelfAttention, mh_site: "AdapterSite", ffn: Intermediate, out_site: "AdapterSite"):
+        super().__init__()
+        self.attention = attention
+        self.attention_adapters = mh_site
+        self.ffn = ffn
+        self.output_adapters = out_site
+
+    def forward(self, x, attn_mask=None, head_mask=None, output_attentions=False, **kwargs):
+        extended = None
+        if attn_mask is not None:
+            if attn_mask.dim() != 2:
+                raise ValueError("DistilBertLayer needs the [batch, seq] attention mask of eager attention")
+            extended = (1.0 - attn_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        context, probs = self.attention(x, extended, head_mask, output_attentions=output_attentions)
+        h = self.attention_adapters(context, x)
+        out = self.output_adapters(self.ffn(h), h)
+        return (probs, out) if output_attentions else (out,)
+
+
 class PredictionHead(nn.Sequential):
     """AdapterHub's ClassificationHead layout (heads/base.py): [Dropout, Linear, act, Dropout, Linear] for
     layers=2, applied to the first token (or the pooler output with use_pooler)."""
