@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from compressor.errors import ExportError
+from compressor.modeling.descriptions import DESCRIPTIONS
 
 from . import graph_io
 from .runtime import make_session, release_memory
@@ -337,6 +338,8 @@ def meets(fid: dict) -> bool:
 # ----------------------------------------------------------------------------------------------- units
 
 _LAYER = re.compile(r"layer\.(\d+)/")
+# scope prefixes of the FFN's first projection, one per model type (BERT: intermediate/, DistilBERT: ffn/)
+_FFN_IN = tuple(sorted({d.ffn.replace(".", "/") + "/" for d in DESCRIPTIONS.values()}))
 
 
 def unit_of(name: str, attention_layer: dict) -> str:
@@ -350,7 +353,7 @@ def unit_of(name: str, attention_layer: dict) -> str:
     rest = name[m.end():]
     # the FFN's two MatMuls apart: the second reads the wide, long-tailed GELU output and costs ~5x the first
     part = ("adapters" if "adapter_" in rest else "fusion" if "," in rest or "score_proj" in rest else
-            "attention" if rest.startswith("attention") else "ffn in" if rest.startswith("intermediate") else
+            "attention" if rest.startswith("attention") else "ffn in" if rest.startswith(_FFN_IN) else
             "ffn out")
     return f"layer {m.group(1)} {part}"
 
