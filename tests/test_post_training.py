@@ -199,7 +199,7 @@ def test_is_registered_as_a_data_method():
     assert cls.needs_data and cls.kinds == ("heads", "neurons", "bottleneck", "adapters")
     assert cls.targeted
     assert list(cls.Options.__dataclass_fields__) == ["target_speedup", "target_flops", "target_params", "on",
-                                                      "shape", "examples", "tune", "latency_rounds"]
+                                                      "shape", "examples", "rearrange", "tune", "latency_rounds"]
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -249,7 +249,8 @@ def test_cli_prune_post_training_writes_masks_and_the_tuned_model(cli_setup):
     meta = json.loads((out / "masks.json").read_text())
     assert meta["method"] == "post-training" and meta["trained_model"] == "model"
     assert meta["params"]["options"] == dict(target_speedup=None, target_flops=0.5, target_params=None, on="cpu",
-                                             shape="1x128", examples=32, tune=True, latency_rounds=10)
+                                             shape="1x128", examples=32, rearrange=True, tune=True,
+                                             latency_rounds=10)
     assert meta["target"] == "target_flops" and meta["target_flops"] == 0.5
     assert meta["target_met"] and meta["flops"] <= 0.5 * meta["dense_flops"]
     trained = compressor.load_model(out / "model")
@@ -319,3 +320,92 @@ def test_cli_export_of_a_cpu_speed_target_reports_measured_beside_predicted(cli_
     assert record["shape"] == "1x32" and record["speedup"] > 0 and record["dense_ms"] > 0
     assert "measured" in r.output and "predicted" in r.output
     assert "## Speedup over the dense model" in (out / "export.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------- rearrangement
+
+def _planted_gradients(examples: int = 200, seed: int = 0):
+    """Per-example mask gradients [examples, 6] with a planted correlation: members 0 and 1 are the two halves of
+    one split unit (the same gradient, half each: each alone looks cheap, together they are the whole unit);
+    members 2 and 3 are independent, a little dearer each on the diagonal; 4 and 5 are costly."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(examples, generator=gen, dtype=torch.float64)
+    g = torch.randn(examples, 6, generator=gen, dtype=torch.float64) * torch.tensor([0, 0, 0.6, 0.65, 2, 3])
+    g[:, 0] = g[:, 1] = 0.5 * z
+    return g
+
+
+def test_rearrangement_fixes_what_the_diagonal_fisher_picks_wrong_on_correlated_units():
+    from itertools import combinations
+
+    from compressor.pruning.rearrange import quadratic_loss, rearrange
+
+    g = _planted_gradients()
+    F = g.T @ g
+    diagonal = torch.ones(6, dtype=torch.bool)
+    diagonal[F.diagonal().argsort()[:2]] = False  # what the diagonal ranking prunes: the two halves
+    assert sorted((~diagonal).nonzero().flatten().tolist()) == [0, 1]
+    new = rearrange(diagonal, F)
+    assert int(new.sum()) == 4 and new[:2].sum() == 1  # one half stays: the unit is no longer removed whole
+    best = min(quadratic_loss(F, torch.tensor([i not in p for i in range(6)])) for p in combinations(range(6), 2))
+    assert quadratic_loss(F, new) == pytest.approx(best)  # here the greedy swap finds the optimum
+    assert quadratic_loss(F, new) < 0.75 * quadratic_loss(F, diagonal)
+    # the estimate is what it claims: the squared sum of the removed members' gradients over the examples
+    assert quadratic_loss(F, new) == pytest.approx(float(g[:, ~new].sum(1).pow(2).sum()))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_rearrangement_never_raises_the_quadratic_estimate(seed):
+    from compressor.pruning.rearrange import quadratic_loss, rearrange
+
+    gen = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(2, 40, (1,), generator=gen))
+    g = torch.randn(int(torch.randint(1, 60, (1,), generator=gen)), n, generator=gen, dtype=torch.float64)
+    g = g @ torch.randn(n, n, generator=gen, dtype=torch.float64)  # correlated members
+    F = g.T @ g
+    keep = torch.rand(n, generator=gen) < 0.5
+    new = rearrange(keep, F)
+    assert int(new.sum()) == int(keep.sum())
+    assert quadratic_loss(F, new) <= quadratic_loss(F, keep) * (1 + 1e-12) + 1e-12
+    assert torch.equal(rearrange(keep, F), new)  # deterministic
+
+
+def test_rearrangement_in_the_method_keeps_the_counts_and_lowers_or_keeps_every_estimate(planted, ctx, tuned):
+    off = prune(planted.model, "post-training", ALL, seed=SEED, data=ctx,
+                options=dict(target_flops=0.3, examples=96, rearrange=False, tune=False))
+    assert off.extra["rearrangement"] is None
+    assert tuned.counts() == off.counts()  # the same number kept per group: the same cost
+    for key in off.masks:
+        assert int(tuned.masks[key].sum()) == int(off.masks[key].sum()), key
+    summary = tuned.extra["rearrangement"]
+    assert set(summary["kinds"]) == {"heads", "neurons", "bottleneck"}
+    for group in summary["groups"]:
+        assert group["loss_after"] <= group["loss_before"] * (1 + 1e-9), group
+        changed = int((tuned.masks[group["key"]] != off.masks[group["key"]]).sum())
+        assert changed == 2 * group["swapped"], group
+
+
+# ----------------------------------------------------------------------------------------------- other layouts
+
+@pytest.mark.parametrize("model_type", ["electra", "xlm-roberta"])
+def test_post_training_with_tuning_on_other_model_types_and_masked_equals_compacted(tmp_path, ctx, model_type):
+    """Tuning asks the model's description for its layer parts (no BERT module path): ELECTRA (with its embedding
+    projection) and XLM-RoBERTa prune, tune every block, and the compacted tuned model is the masked one."""
+    import compressor
+    from compressor.training.heads import ensure_head
+
+    model = compressor.load_model(make_model_dir(tmp_path / "m", model_type, "seq_bn", 2, "dynamic"))
+    model = ensure_head(model, ctx.spec, seed=SEED).eval()
+    ms = prune(model, "post-training", ALL, seed=SEED, data=ctx, options=dict(target_flops=0.5, examples=32))
+    assert ms.extra["target_met"] and ms.model is not None
+    assert len(ms.extra["tuning"]) == 2 * (2 + 2)  # per layer: heads, neurons, two adapters' bottlenecks
+    assert all(t["error_after"] <= t["error_before"] for t in ms.extra["tuning"])
+    assert any(t["applied"] for t in ms.extra["tuning"])
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 25, (3, 10), generator=gen)
+    attention = torch.ones_like(ids)
+    attention[1, 6:] = 0
+    with torch.no_grad():
+        a = masked_copy(ms.model, ms)(input_ids=ids, attention_mask=attention).logits
+        b = compact(ms.model, ms)(input_ids=ids, attention_mask=attention).logits
+    assert float((a - b).abs().max()) <= 1e-5

@@ -26,9 +26,12 @@ Masks over heads, FFN neurons, adapter bottleneck neurons and fused adapters fro
    neurons (and its gate). Structural effects of compaction (a fusion left with one adapter needs no query,
    key or value; the bottleneck-space form) are not in the estimate: the real cost of the chosen masks is
    measured by compacting a copy, and while it is above the target the search runs again with the estimate's
-   target lowered by the excess (at most 6 times). Every unit group keeps `min_keep` members. Mask
-   rearrangement (Kwon §4.2, block-diagonal Fisher) is not done.
-3. **Mask tuning** (`tune`, Kwon §4.3), layer by layer in order, on the same examples: per block a scale per
+   target lowered by the excess (at most 6 times). Every unit group keeps `min_keep` members.
+3. **Mask rearrangement** (`rearrange`, Kwon §4.2, compressor/pruning/rearrange.py): within each group of heads,
+   FFN neurons and bottleneck neurons the count the search kept stays, and which members stay is re-chosen with
+   the group's block of the Fisher matrix (accumulated in the same pass as the diagonal), so the cost is unchanged.
+   Fused adapters are not rearranged (their costs differ).
+4. **Mask tuning** (`tune`, Kwon §4.3), layer by layer in order, on the same examples: per block a scale per
    kept member minimises the squared error between the pruned model's block output (inputs from the model
    pruned and tuned so far) and the dense model's (inputs from the dense model), over real tokens:
    attention block `W_o (s * ctx) + b + x` against the dense `W_o ctx' + b + x'` (a scale per head), FFN block
@@ -38,7 +41,12 @@ Masks over heads, FFN neurons, adapter bottleneck neurons and fused adapters fro
    [-10, 10]; a block whose error would not fall keeps scales of one. The scales fold into the weights (a
    head's into its columns of the attention output dense, a neuron's into its column of the FFN output
    dense, a bottleneck neuron's into its column of `adapter_up`), so the result is a model + masks
-   (`maskset.model`) and compaction stays exact (invariant 1). Fused adapters are not tuned.
+   (`maskset.model`) and compaction stays exact (invariant 1). Fused adapters are not tuned. Both streams' layer
+   inputs are kept between layers, so each layer runs a fixed number of times (O(L)); layers and their parts come
+   from the model's description (`layer_parts`), not from BERT's module paths.
+
+The sample is regrouped by length before any stage (`sample_batches`): each quantity is a sum over examples or
+real tokens, and short texts in a batch padded to its longest cost most of the time.
 
 Measured on the embedded default with MRPC (2-core CPU, 256 examples): heads and neurons only at
 target_flops=0.7 keep dev accuracy 0.7574 (dense 0.7623); with all four kinds at 0.5 or 0.7 the search keeps
@@ -66,14 +74,15 @@ from torch import nn
 from ..errors import PruningConfigError
 from ..flops import total_cost
 from ..masks import MaskSet, apply_masks
-from ..modeling.architecture import layers_of
-from ..modeling.modules import Bottleneck, Fusion, Intermediate, SelfAttention
+from ..modeling.architecture import layer_parts, layers_of
 from ..training.heads import num_labels_of
 from ..units import fingerprint, iter_units
 from ..units import unit_key as unit_key_of
 from .methods import PruningMethod, register_method
+from .rearrange import rearrange_masks
 
 STRUCTURED = ("heads", "neurons", "bottleneck", "adapters")
+REARRANGED = ("heads", "neurons", "bottleneck")  # members of one group cost the same: a swap keeps the cost
 SEQ_LEN = 128
 MAX_SEARCHES = 6
 
@@ -89,6 +98,7 @@ class PostTrainingOptions:
     on: str = "cpu"  # the latency model's provider: cpu | cuda | torch-cpu | torch-cuda
     shape: str = "1x128"  # the latency model's batch x sequence length
     examples: int = 1024  # task examples for the Fisher and the mask tuning
+    rearrange: bool = True  # re-choose the kept members within each group with the block-diagonal Fisher
     tune: bool = True  # least-squares mask tuning, folded into the weights
     latency_rounds: int = 10  # interleaved timing rounds when the latency model is built
 
@@ -202,7 +212,9 @@ def _slice(batch: dict, n: int) -> dict:
 
 
 def sample_batches(data, examples: int, seed: int) -> list:
-    """The first `examples` training examples in the seeded order, in batches of the task's batch size."""
+    """The first `examples` training examples in the seeded order, in batches of the task's batch size, regrouped
+    by length (stable) so that a batch pads little: every quantity here is a sum over examples or real tokens, which
+    the grouping does not change, and the padding it saves is most of the work on short texts (SST-2)."""
     bs = data.config.batch_size
     out, left = [], examples
     for batch in data.batches(max(1, -(-examples // bs)), seed=seed):
@@ -211,14 +223,31 @@ def sample_batches(data, examples: int, seed: int) -> list:
         left -= n
         if left <= 0:
             break
-    return out
+    collate = getattr(data, "collate", None)
+    if collate is None or not out:
+        return out
+    items = []
+    for batch in out:
+        real = batch["attention_mask"].bool()
+        for i in range(int(real.shape[0])):
+            items.append({k: (v[i][real[i]].tolist() if v.dim() == 2 and k != "labels" else v[i].item())
+                          for k, v in batch.items()})
+    items.sort(key=lambda it: len(it["input_ids"]))  # stable: ties keep the seeded order
+    return [collate(items[i:i + bs]) for i in range(0, len(items), bs)]
 
 
 def fisher(model: nn.Module, units: list, data, batches: list, advance=None) -> dict:
     """Diagonal empirical Fisher per unit member: the sum over examples of the squared per-example gradient of
     the task loss w.r.t. the member's mask, at the all-ones mask."""
+    return fisher_information(model, units, data, batches, advance)[0]
+
+
+def fisher_information(model: nn.Module, units: list, data, batches: list, advance=None, blocks=()) -> tuple:
+    """(diagonal Fisher per unit, full Fisher block [n, n] per unit whose kind is in `blocks`): one forward and
+    backward per batch; the per-example gate makes the batch's gradient per example."""
     device = next(model.parameters()).device
     totals = {u.key: torch.zeros(u.size, dtype=torch.float64) for u in units}
+    full = {u.key: torch.zeros(u.size, u.size, dtype=torch.float64) for u in units if u.kind in blocks}
     with _PerExampleGates(model, units) as gates:
         for batch in batches:
             b = int(batch["input_ids"].shape[0])
@@ -227,10 +256,13 @@ def fisher(model: nn.Module, units: list, data, batches: list, advance=None) -> 
             grads = torch.autograd.grad(loss, tensors, allow_unused=True)
             for u, g in zip(units, grads):
                 if g is not None:
-                    totals[u.key] += g.detach().double().pow(2).sum(0).cpu()
+                    g = g.detach().cpu()
+                    totals[u.key] += g.double().pow(2).sum(0)
+                    if u.key in full:
+                        full[u.key] += (g.T @ g).double()  # float32 products of one batch, summed in float64
             if advance:
                 advance()
-    return {u.key: totals[u.key].view(u.shape) for u in units}
+    return {u.key: totals[u.key].view(u.shape) for u in units}, full
 
 
 # ----------------------------------------------------------------------------------------------- search
@@ -309,11 +341,11 @@ class LatencyCosts:
         self.floor = 1e-9 * latency.dense_ms()
         self.where, self.sizes = {}, {u.key: u.size for u in units}
         paths = {id(m): p for p, m in model.named_modules()}
-        self.site_of = {}  # site path -> (layer, site name, fusion key or None, [(name, bottleneck key, width)])
-        for li, layer in enumerate(layers_of(model)):
-            self.where[unit_key_of(paths[id(layer.attention.self)], "heads")] = (li, "heads")
-            self.where[unit_key_of(paths[id(layer.intermediate)], "neurons")] = (li, "neurons")
-            for sname, site in zip(SITES, (layer.attention.output, layer.output)):
+        for li, parts in enumerate(layer_parts(model)):
+            self.where[unit_key_of(paths[id(parts.attention)], "heads")] = (li, "heads")
+            self.where[unit_key_of(paths[id(parts.ffn)], "neurons")] = (li, "neurons")
+            # per site: (layer, site name, fusion key or None, [(name, bottleneck key, width)])
+            for sname, site in zip(SITES, (parts.mh_site, parts.out_site)):
                 if site.active is None:
                     continue
                 spath = paths[id(site)]
@@ -407,80 +439,82 @@ class _Stop(Exception):
 
 
 class _Block:
-    """Least squares for one block's scales. With X the members' activations [tokens, m * d] (d = 1 for a
-    neuron, the head size for a head), W the weight that reads them [out, m * d] and r the target minus what does
-    not scale, E(s) = sum_t ||W (s * x_t) - r_t||^2 = s'Gs - 2c's + rr with G the per-member block sums of
-    (X'X) * (W'W) and c those of (r W) * X. X'X and (r W) * X are accumulated per batch (float32, summed in
-    float64); W'W is taken once."""
+    """Least squares for one block's scales over its kept members. With X the kept members' activations
+    [tokens, k * d] (d = 1 for a neuron, the head size for a head), W the columns of the weight that reads them
+    [out, k * d] and r the target minus what does not scale, E(s) = sum_t ||W (s * x_t) - r_t||^2 = s'Gs - 2c's + rr
+    with G the per-member block sums of (X'X) * (W'W) and c those of (r W) * X. X'X and (r W) * X are accumulated
+    per batch (float32, summed in float64); W'W is taken once. Pruned members' activations are zeros: leaving
+    them out changes no sum."""
 
-    def __init__(self, name: str, n: int):
-        self.name, self.n = name, n
-        self.gram = self.cw = self.weight = None
+    def __init__(self, unit, keep: torch.Tensor, weight: torch.Tensor):
+        self.unit, self.keep = unit, keep.flatten().bool()
+        self.d = weight.shape[1] // unit.size
+        self.kept = self.keep.nonzero().flatten()
+        self.cols = (self.kept[:, None] * self.d + torch.arange(self.d)).flatten()
+        self.weight = weight[:, self.cols].float()
+        self.gram = self.cw = None
         self.rr = 0.0
 
-    def add(self, x: torch.Tensor, r: torch.Tensor, weight: torch.Tensor) -> None:
-        x, r = x.float(), r.float()
-        gram, cw = (x.T @ x).double(), ((r @ weight.float()) * x).sum(0).double()
+    def add(self, x: torch.Tensor, r: torch.Tensor) -> None:
+        x, r = x[:, self.cols].float(), r.float()
+        gram, cw = (x.T @ x).double(), ((r @ self.weight) * x).sum(0).double()
         self.gram = gram if self.gram is None else self.gram + gram
         self.cw = cw if self.cw is None else self.cw + cw
         self.rr += float(r.double().pow(2).sum())
-        self.weight = weight
 
-    def solve_terms(self) -> tuple:
-        W = self.weight.double()
-        m = (self.gram * (W.T @ W))
-        d = m.shape[0] // self.n
-        G = m.view(self.n, d, self.n, d).sum((1, 3))
-        return G, self.cw.view(self.n, d).sum(1)
+    def solve(self) -> tuple:
+        """(scales of every member, zero where pruned; error with scales of one; error with the scales)."""
+        W, k = self.weight.double(), len(self.kept)
+        G = (self.gram * (W.T @ W)).view(k, self.d, k, self.d).sum((1, 3))
+        c = self.cw.view(k, self.d).sum(1)
+        error = lambda s: float(s @ G @ s - 2 * c @ s + self.rr)  # noqa: E731
+        ones = torch.ones(k, dtype=torch.float64)
+        sol = ones
+        if k:
+            damp = 1e-4 * float(G.diagonal().mean()) + 1e-12
+            sol = torch.linalg.lstsq(G + damp * torch.eye(k, dtype=G.dtype), c.unsqueeze(-1)).solution.squeeze(-1)
+            sol = sol.clamp(-10.0, 10.0)
+        s = torch.zeros(self.unit.size, dtype=torch.float64)
+        s[self.kept] = sol
+        return s, error(ones), error(sol)
 
-    def error(self, s: torch.Tensor) -> float:
-        G, c = self.terms
-        return float(s @ G @ s - 2 * c @ s + self.rr)
+
+def _tunable_blocks(parts, paths: dict) -> list:
+    """(unit key, kind, module whose input (or, for a dense adapter, output) is captured, the Linear that reads
+    the members) of each tunable block of a layer, as the model's description lays it out: the heads (read by the
+    attention site's dense), the FFN neurons (the FFN site's dense) and the bottleneck neurons of each active
+    adapter not computed in bottleneck space (its up projection)."""
+    out = [(unit_key_of(paths[id(parts.attention)], "heads"), "heads", parts.mh_site, parts.mh_site.dense),
+           (unit_key_of(paths[id(parts.ffn)], "neurons"), "neurons", parts.out_site, parts.out_site.dense)]
+    for _, site in parts.sites:
+        if site.active is None:
+            continue
+        if site.active[0] == "fuse" and getattr(site.adapter_fusion_layer[site.active[1]], "bottleneck_space", False):
+            continue
+        for n in (list(site.active[2]) if site.active[0] == "fuse" else [site.active[1]]):
+            adapter = site.adapters[n]
+            if adapter.width > 0:
+                out.append((unit_key_of(paths[id(adapter)], "bottleneck"), "bottleneck", adapter.adapter_up,
+                            adapter.adapter_up))
+    return out
 
 
-def _capture(model, layer_index, specs, store, adapters: str):
-    """Hooks on layer `layer_index` of `model` writing the inputs of the blocks named by `specs` into `store`
-    (for the adapters' up projections: their input, or with adapters="out" their output), and a hook that stops
-    the forward pass after that layer."""
-    layer = layers_of(model)[layer_index]
+def _capture(blocks: list, store: dict, outputs: bool) -> list:
+    """Hooks writing each block's captured tensors into `store`: a site's (input, residual); an up projection's
+    input, or with `outputs` its output."""
     handles = []
-    for name, module, what in specs(layer):
-        if (what or adapters) == "in":
-            handles.append(module.register_forward_pre_hook(
-                lambda mod, args, name=name: store.__setitem__(name, tuple(a.detach() for a in args[:2]))))
-        else:
+    for key, kind, module, _ in blocks:
+        if outputs and kind == "bottleneck":
             handles.append(module.register_forward_hook(
-                lambda mod, args, out, name=name: store.__setitem__(name, out.detach())))
-
-    def stop(mod, args, out):
-        raise _Stop
-
-    handles.append(layer.register_forward_hook(stop))
+                lambda mod, args, out, key=key: store.__setitem__(key, out)))
+        else:
+            handles.append(module.register_forward_pre_hook(
+                lambda mod, args, key=key: store.__setitem__(key, args[:2])))
     return handles
 
 
-def _layer_specs(model):
-    """(name, module, what) of each tunable block of a layer: the attention and FFN output sites' inputs, and per
-    active non-bottleneck-space adapter its up projection's input (working model) / output (dense model)."""
-    def specs(layer):
-        out = [("heads", layer.attention.output, "in"), ("neurons", layer.output, "in")]
-        for sname, site in (("mh", layer.attention.output), ("out", layer.output)):
-            if site.active is None:
-                continue
-            if site.active[0] == "fuse" and getattr(site.adapter_fusion_layer[site.active[1]], "bottleneck_space",
-                                                    False):
-                continue
-            names = list(site.active[2]) if site.active[0] == "fuse" else [site.active[1]]
-            for n in names:
-                adapter = site.adapters[n]
-                if adapter.width > 0:
-                    out.append((f"{sname}:{n}", adapter.adapter_up, None))
-        return out
-    return specs
-
-
 def _run_to(model, batch):
-    """Forward `batch` until the stop hook fires."""
+    """Forward `batch` until a hook raises _Stop."""
     device = next(model.parameters()).device
     try:
         model(**{k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
@@ -488,112 +522,113 @@ def _run_to(model, batch):
         pass
 
 
+def _first_layer_inputs(model, batches) -> list:
+    """Per batch, the arguments the encoder passes to its first layer (hidden states, attention mask, ...)."""
+    calls = []
+
+    def pre(mod, args, kwargs):
+        if not args:  # hidden states passed by name
+            kwargs = dict(kwargs)
+            args = (kwargs.pop("hidden_states"),)
+        calls.append((args, kwargs))
+        raise _Stop
+
+    handle = layers_of(model)[0].register_forward_pre_hook(pre, with_kwargs=True)
+    try:
+        for batch in batches:
+            _run_to(model, batch)
+    finally:
+        handle.remove()
+    return calls
+
+
+def _layer(layer, hidden, call) -> torch.Tensor:
+    args, kwargs = call
+    out = layer(hidden, *args[1:], **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
 @torch.no_grad()
 def tune_masks(dense: nn.Module, work: nn.Module, masks: dict, units: list, batches: list, advance=None) -> list:
-    """Kwon §4.3 on `work` (masked; weights changed in place), layer by layer. Returns per tuned block its key,
-    the reconstruction error with scales of one and with the tuned scales (sums over real tokens)."""
-    unit_of = {(u.kind, u.module_path): u for u in units}
-    layers_w, layers_d = layers_of(work), layers_of(dense)
-    prefix = {id(m): p for p, m in work.named_modules()}
+    """Kwon §4.3 on `work` (masked; weights changed in place), layer by layer. Each layer's inputs are kept for
+    both streams (the dense model's, the model pruned and tuned so far), so every layer runs a fixed number of
+    times (O(L), not a forward from the bottom per layer). Returns per tuned block its key, the reconstruction
+    error with scales of one and with the tuned scales (sums over real tokens)."""
+    unit_of = {u.key: u for u in units}
+    parts_w, parts_d = layer_parts(work), layer_parts(dense)
+    paths_w, paths_d = ({id(m): p for p, m in net.named_modules()} for net in (work, dense))
+    calls = _first_layer_inputs(dense, batches)
+    d_in = [args[0] for args, _ in calls]
+    w_in = list(d_in)  # the embeddings are not pruned: both streams start equal
+    toks = [batch["attention_mask"].reshape(-1).bool() for batch in batches]
     report = []
-    specs = _layer_specs(work)
-    for li in range(len(layers_w)):
-        lw, ld = layers_w[li], layers_d[li]
-        blocks = {}
-        plan = []  # (name, unit, kind-specific data)
-        att = unit_of.get(("heads", prefix[id(lw.attention.self)]))
-        if att is not None:
-            plan.append(("heads", att))
-        ffn = unit_of.get(("neurons", prefix[id(lw.intermediate)]))
-        if ffn is not None:
-            plan.append(("neurons", ffn))
-        adapters = []
-        for name, module, _ in specs(lw):
-            if ":" in name:
-                site_name, aname = name.split(":")
-                site = lw.attention.output if site_name == "mh" else lw.output
-                path = f"{prefix[id(site)]}.adapters.{aname}"
-                u = unit_of.get(("bottleneck", path))
-                if u is not None:
-                    adapters.append((name, u))
-        plan += adapters
-        if not plan:
-            continue
-        for name, u in plan:
-            blocks[name] = _Block(u.key, u.size)
+    last = len(parts_w) - 1
+    for li, (pw, pd, lw, ld) in enumerate(zip(parts_w, parts_d, layers_of(work), layers_of(dense))):
+        bw, bd = _tunable_blocks(pw, paths_w), _tunable_blocks(pd, paths_d)
+        plan = [(bw_, bd_) for bw_, bd_ in zip(bw, bd) if bw_[0] in unit_of]
+        blocks = {key: _Block(unit_of[key], masks[key], reader.weight.detach()) for (key, _, _, reader), _ in plan}
         wstore, dstore = {}, {}
-        handles = _capture(work, li, specs, wstore, "in") + _capture(dense, li, _layer_specs(dense), dstore, "out")
+        handles = _capture([b for b, _ in plan], wstore, False) + _capture([b for _, b in plan], dstore, True)
+        w_out = []
         try:
-            for batch in batches:
+            for i, tok in enumerate(toks):
                 wstore.clear()
                 dstore.clear()
-                _run_to(dense, batch)
-                _run_to(work, batch)
-                tok = batch["attention_mask"].reshape(-1).bool()
-                for name, u in plan:
-                    blk = blocks[name]
-                    if name in ("heads", "neurons"):
-                        site_w = lw.attention.output if name == "heads" else lw.output
-                        site_d = ld.attention.output if name == "heads" else ld.output
-                        x_in, res = (t.reshape(-1, t.shape[-1])[tok] for t in wstore[name])
-                        xd_in, resd = (t.reshape(-1, t.shape[-1])[tok] for t in dstore[name])
-                        # the target minus what does not scale: dense block output - bias - residual
-                        r = nn.functional.linear(xd_in, site_d.dense.weight, site_d.dense.bias) + resd - res
-                        if site_w.dense.bias is not None:
-                            r = r - site_w.dense.bias
-                        blk.add(x_in, r, site_w.dense.weight)
-                    else:
-                        a = wstore[name][0]  # the working adapter_up's input (masked activations)
-                        a = a.reshape(-1, a.shape[-1])[tok]
-                        up = next(m for n, m, _ in specs(lw) if n == name)
-                        out_d = dstore[name].reshape(-1, dstore[name].shape[-1])[tok]
-                        blk.add(a, out_d - up.bias if up.bias is not None else out_d, up.weight)
+                d_next = _layer(ld, d_in[i], calls[i])
+                w_out.append(_layer(lw, w_in[i], calls[i]))
+                d_in[i] = d_next
+                for (key, kind, _, reader_w), (_, _, _, reader_d) in plan:
+                    if kind == "bottleneck":  # the dense adapter's up projection output is the target
+                        a = wstore[key][0]
+                        out_d = dstore[key]
+                        target = out_d if reader_w.bias is None else out_d - reader_w.bias
+                        blocks[key].add(a.reshape(-1, a.shape[-1])[tok], target.reshape(-1, target.shape[-1])[tok])
+                        continue
+                    x_in, res = (t.reshape(-1, t.shape[-1])[tok] for t in wstore[key])
+                    xd_in, resd = (t.reshape(-1, t.shape[-1])[tok] for t in dstore[key])
+                    # the target minus what does not scale: dense block output - bias - residual
+                    r = nn.functional.linear(xd_in, reader_d.weight, reader_d.bias) + resd - res
+                    if reader_w.bias is not None:
+                        r = r - reader_w.bias
+                    blocks[key].add(x_in, r)
                 if advance:
                     advance()
         finally:
             for hnd in handles:
                 hnd.remove()
-        for name, u in plan:
-            blk = blocks[name]
+        changed = False
+        for (key, _, _, reader), _ in plan:
+            blk = blocks[key]
             if blk.gram is None:  # no token in the sample
                 continue
-            blk.terms = blk.solve_terms()
-            kept = masks[u.key].flatten().nonzero().flatten()
-            ones = torch.ones(u.size, dtype=torch.float64)
-            before = blk.error(ones * masks[u.key].flatten().double())
-            s = ones.clone()
-            if len(kept):
-                G = blk.terms[0][kept][:, kept]
-                damp = 1e-4 * float(G.diagonal().mean()) + 1e-12
-                sol = torch.linalg.lstsq(G + damp * torch.eye(len(kept), dtype=G.dtype),
-                                         blk.terms[1][kept].unsqueeze(-1)).solution.squeeze(-1)
-                s[kept] = sol.clamp(-10.0, 10.0)
-            s = s * masks[u.key].flatten().double()
-            after = blk.error(s)
+            s, before, after = blk.solve()
             applied = after < before
             if applied:
-                _fold(lw, name, s.float(), specs)
-            report.append(dict(key=u.key, layer=li, error_before=before, error_after=after if applied else before,
+                W = reader.weight
+                W.copy_((W.view(W.shape[0], blk.unit.size, -1) * s.float().view(1, -1, 1)).view_as(W))
+                changed = True
+            report.append(dict(key=key, layer=li, error_before=before, error_after=after if applied else before,
                                applied=bool(applied)))
+        if li < last:  # the next layer's inputs: the tuned layer's outputs
+            w_in = [_layer(lw, w_in[i], calls[i]) for i in range(len(toks))] if changed else w_out
     return report
 
 
-def _fold(layer, name: str, s: torch.Tensor, specs) -> None:
-    """Fold per-member scales into the weights that read the members' outputs (pruned members' columns are
-    read as zeros anyway)."""
-    if name == "heads":
-        W = layer.attention.output.dense.weight
-        H = s.numel()
-        W.copy_((W.view(W.shape[0], H, -1) * s.view(1, H, 1)).view_as(W))
-    elif name == "neurons":
-        W = layer.output.dense.weight
-        W.mul_(s.view(1, -1))
-    else:
-        up = next(m for n, m, _ in specs(layer) if n == name)
-        up.weight.mul_(s.view(1, -1))
-
-
 # ----------------------------------------------------------------------------------------------- the method
+
+def _rearrangement_summary(report: list) -> dict:
+    """Per kind: members swapped and the summed quadratic estimate d'Fd before and after; per group the same."""
+    kinds = {}
+    for r in report:
+        k = kinds.setdefault(r["key"].rsplit("::", 1)[1], dict(groups=0, swapped=0, loss_before=0.0, loss_after=0.0))
+        k["groups"] += 1
+        k["swapped"] += r["swapped"]
+        k["loss_before"] += r["loss_before"]
+        k["loss_after"] += r["loss_after"]
+    g = lambda x: float(f"{x:.6g}")  # noqa: E731
+    return dict(kinds={k: dict(v, loss_before=g(v["loss_before"]), loss_after=g(v["loss_after"]))
+                       for k, v in sorted(kinds.items())},
+                groups=[dict(r, loss_before=g(r["loss_before"]), loss_after=g(r["loss_after"])) for r in report])
 
 def _progress():
     import sys
@@ -680,7 +715,8 @@ class PostTraining(PruningMethod):
             task = bar.add_task("post-training: Fisher", total=total)
             advance = lambda: bar.advance(task)  # noqa: E731
             t0 = time.perf_counter()
-            scores = fisher(work, units, data, batches, advance)
+            scores, blocks = fisher_information(work, units, data, batches, advance,
+                                                REARRANGED if opts.rearrange else ())
             t1 = time.perf_counter()
             need, searches = dense - target, []
             for _ in range(MAX_SEARCHES):
@@ -691,6 +727,12 @@ class PostTraining(PruningMethod):
                     break
                 need += achieved - target
             t2 = time.perf_counter()
+            rearranged = []
+            if blocks:
+                # the same count per group, hence the same cost: `achieved` still holds
+                masks, rearranged = rearrange_masks(masks, blocks)
+                del blocks
+            t3 = time.perf_counter()
             tuning = []
             if opts.tune:
                 bar.update(task, description="post-training: mask tuning")
@@ -702,8 +744,12 @@ class PostTraining(PruningMethod):
                     model.train(was_training)
                 for u in units:
                     work.get_submodule(u.module_path).set_mask(u.kind, None)
-        seconds = dict(fisher=round(t1 - t0, 2), search=round(t2 - t1, 2), tuning=round(time.perf_counter() - t2, 2))
-        flops, dense_flops = real_flops(model, masks), real_flops(model)
+        seconds = dict(fisher=round(t1 - t0, 2), search=round(t2 - t1, 2), rearrange=round(t3 - t2, 2),
+                       tuning=round(time.perf_counter() - t3, 2))
+        if opts.target == "target_flops":
+            flops, dense_flops = achieved, dense
+        else:
+            flops, dense_flops = real_flops(model, masks), real_flops(model)
         extra = dict(
             seconds=seconds, target=opts.target, **{opts.target: getattr(opts, opts.target)},
             dense_flops=dense_flops, loaded_flops=loaded, flops=flops, flops_fraction=round(flops / dense_flops, 6),
@@ -713,6 +759,7 @@ class PostTraining(PruningMethod):
                     if u.kind != "neurons" and u.size <= 64},
             tuning=[dict(t, error_before=float(f"{t['error_before']:.6g}"),
                          error_after=float(f"{t['error_after']:.6g}")) for t in tuning],
+            rearrangement=_rearrangement_summary(rearranged) if opts.rearrange else None,
         )
         if opts.target == "target_params":
             extra.update(dense_params=dense, params=achieved, params_fraction=round(achieved / dense, 6))
