@@ -26,6 +26,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
+sys.path.insert(0, str(ROOT))
+
+from paired import export  # noqa: E402  (shared with tradeoff.py)
 
 from compressor import load_model  # noqa: E402
 from compressor.api import evaluate, load_task, load_tokenizer  # noqa: E402
@@ -42,13 +45,6 @@ def target_option(x: float) -> tuple:
     if "target_speedup" in fields:
         return "target_speedup", dict(target_speedup=x)
     return "target_flops", dict(target_flops=round(1.0 / x, 4))
-
-
-def export(model, masks, out: Path) -> Path:
-    from exporters.onnx_export import ExportConfig, export_onnx
-
-    export_onnx(model, out, masks, ExportConfig(seed=0), overwrite=True, tokenizer_dir=minilm_dir())
-    return out
 
 
 def main(argv=None) -> None:

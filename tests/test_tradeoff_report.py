@@ -1,0 +1,57 @@
+"""benchmarks/tradeoff_report.py on constructed points: the goal verdict, the Pareto front against the int8-only
+curve and the claims' verdicts read the paired intervals the way the report says."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import tradeoff_report as tr  # noqa: E402
+
+
+def point(name, method, s1, s8, diff, lo, hi, metric=0.85, quant="fp32", model="single"):
+    return dict(model=model, name=name, method=method, target="-", quant=quant, dir=name, metric=metric,
+                reference=0.85, difference=diff, low=lo, high=hi, agreement=0.99, counts={}, notes={},
+                fidelity=dict(agreement=0.99, mean_kl=0.001), speedup={"1": s1, "8": s8},
+                p50_ms={"1": 10 / s1, "8": 50 / s8})
+
+
+POINTS = [point("single-dense", "dense", 1.0, 1.0, 0, 0, 0),
+          point("single-dense-int8", "int8 only", 2.1, 1.8, -0.3, -0.9, 0.3, 0.847, "int8 dynamic"),
+          point("single-pt-2.5", "post-training", 2.6, 2.7, -0.9, -1.8, 0.0, 0.841),
+          point("single-pt-3", "post-training", 3.2, 2.4, -0.5, -1.4, 0.4, 0.845),
+          point("single-pt-4", "post-training", 4.0, 4.0, -3.0, -4.5, -1.6, 0.82)]
+
+
+def test_goal_needs_both_batch_sizes_and_the_point_bound():
+    best, met, moon = tr.goal(POINTS, "single")
+    # pt-3 is faster at batch 1 but 2.4x at batch 8; pt-4 loses 3 points: pt-2.5 is the answer
+    assert best["name"] == "single-pt-2.5" and met and not moon
+    best, met, _ = tr.goal([p for p in POINTS if p["name"] != "single-pt-2.5"], "single")
+    assert best["name"] == "single-pt-3" and not met
+
+
+def test_pareto_front_and_int8_only_curve():
+    front = [p["name"] for p in tr.pareto(tr.timed(POINTS, "single"), 1)]
+    assert front == ["single-dense", "single-dense-int8", "single-pt-3", "single-pt-4"]
+    baseline = [p for p in POINTS if p["method"] in ("dense", "int8 only")]
+    assert tr.beats_int8_only(POINTS[3], baseline, 1)  # 3.2x at 0.845: faster than int8 (2.1x, 0.847)
+    assert not tr.beats_int8_only(dict(POINTS[3], speedup={"1": 2.0, "8": 2.0}), baseline, 1)
+
+
+def test_claim_verdicts_read_the_interval():
+    keeps = dict(POINTS[2], low=-0.8, high=0.5)
+    assert tr._keeps(keeps) == "confirmed"
+    assert tr._keeps(POINTS[2]) == "inconclusive"  # [-1.8, 0.0] straddles -1
+    assert tr._keeps(POINTS[4]) == "not confirmed"  # [-4.5, -1.6] lies below -1
+    assert tr._beats(dict(low=0.1, high=2.0)) == "confirmed"
+    assert tr._beats(dict(low=-2.0, high=-0.1)) == "contradicted"
+    assert tr._beats(dict(low=-1.0, high=1.0)).startswith("inconclusive")
+
+
+def test_report_renders(tmp_path):
+    record = dict(points=POINTS, commands=["python benchmarks/tradeoff.py"], machine={}, run={},
+                  args=dict(threads="2", fidelity_examples="1000", examples="512", kd_steps="200"))
+    tr.write_report(record, tmp_path)
+    text = (tmp_path / "tradeoff.md").read_text()
+    assert "**single**: met" in text and (tmp_path / "tradeoff.png").stat().st_size > 0
