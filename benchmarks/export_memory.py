@@ -316,19 +316,15 @@ def main() -> None:
                     help="where the built models are kept (reused between runs)")
     args = ap.parse_args()
     results = {}
-    if args.ab_int8:
+    ab = ab_int8 if args.ab_int8 else ab_graph_stages if args.ab_graph_stages else None
+    if ab is not None:  # stock against low-memory stages, interleaved
         for shape in args.shapes.split(","):
             build(shape, args.work_dir / shape)
-            r = ab_int8(args.work_dir / shape)
+            r = ab(args.work_dir / shape)
+            ratios = ", ".join(f"{k.removesuffix('ratio').rstrip('_') or 'stage'} {v:.2f}"
+                               for k, v in r.items() if k.endswith("ratio"))
             print(f"{shape}: " + "; ".join(f"{k} {', '.join(f'{t:.1f}' for t in v)} s" for k, v in r["times"].items())
-                  + f"; new/stock median: {r['ratio']:.2f}")
-        return
-    if args.ab_graph_stages:
-        for shape in args.shapes.split(","):
-            build(shape, args.work_dir / shape)
-            r = ab_graph_stages(args.work_dir / shape)
-            print(f"{shape}: " + "; ".join(f"{k} {', '.join(f'{t:.1f}' for t in v)} s" for k, v in r["times"].items())
-                  + f"; new/stock median: export {r['export_ratio']:.2f}, optimise {r['optimise_ratio']:.2f}")
+                  + f"; new/stock median: {ratios}")
         return
     for shape in args.shapes.split(","):
         directory = args.work_dir / shape
