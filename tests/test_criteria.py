@@ -18,22 +18,14 @@ from compressor.pruning.data_criteria import GATED, influence
 from compressor.pruning.methods import global_prune
 from compressor.units import Unit, iter_units
 from factories import make_model_dir, random_inputs
-from task_factories import planted_signal_model, signal_context, single_thread
+from task_factories import signal_context
 
 DATA_CRITERIA = ("snip", "taylor", "grasp", "head-gate", "fusion-influence")
 # the unit kinds each criterion scores (the others refuse them)
 KINDS_OF = {"head-gate": GATED, "fusion-influence": ("adapters",)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def planted():
-    return planted_signal_model(0)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: also `planted`
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from compressor.training.objectives import kd_loss
 from compressor.training.trainable import select_trainable
 from compressor.units import fingerprint, iter_units, units_by_key
 from factories import make_model_dir
-from task_factories import planted_signal_model, signal_context, single_thread
+from task_factories import signal_context
 
 SEED = 0
 
@@ -48,15 +48,7 @@ def encoder_weight(key: str) -> bool:
 
 # ----------------------------------------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def planted():
-    return planted_signal_model(SEED)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: also `planted`
 
 
 @pytest.fixture(scope="module")

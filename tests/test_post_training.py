@@ -18,22 +18,14 @@ from compressor.pruning import METHODS, prune
 from compressor.pruning.post_training import floor_masks, member_costs, real_flops
 from compressor.units import fingerprint, iter_units
 from factories import make_model_dir
-from task_factories import (planted_signal_model, signal_context, signal_data_args, single_thread, with_tokenizer,
+from task_factories import (signal_context, signal_data_args, with_tokenizer,
                             write_signal_tsv)
 
 SEED = 0
 ALL = {"heads": 0, "neurons": 0, "bottleneck": 0, "adapters": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def planted():
-    return planted_signal_model(SEED)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: also `planted`
 
 
 @pytest.fixture(scope="module")

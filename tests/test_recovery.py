@@ -22,21 +22,13 @@ from compressor.training.loop import predict
 from compressor.training.objectives import Distillation, KDConfig
 from compressor.training.recovery import RECOVERY, check_teacher, recover
 from factories import make_model_dir, random_inputs
-from task_factories import planted_signal_model, signal_context, single_thread
+from task_factories import signal_context
 
 SEED = 0
 STEPS = 30
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def planted():
-    return planted_signal_model(SEED)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: also `planted`
 
 
 @pytest.fixture(scope="module")
