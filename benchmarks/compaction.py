@@ -22,7 +22,7 @@ import torch
 import compressor
 from compressor.compaction import compact
 from compressor.flops import total_cost
-from compressor.modeling.architecture import layers_of
+from compressor.modeling.architecture import layer_parts
 from compressor.masks import masked_copy
 from compressor.pruning import prune
 
@@ -33,11 +33,11 @@ def adapterhub_value_flops(model) -> int:
     """FLOPs/token AdapterHub adds over our standard fusion: value_before_softmax applies V to each of the n
     fused adapters, our module once to their mix (equal outputs, V being linear and bias-free)."""
     hidden, extra = model.base_model.config.hidden_size, 0
-    for layer in layers_of(model):
-        for site in (layer.attention.output, layer.output):
-            if site.active is not None and site.active[0] == "fuse":
-                if hasattr(site.adapter_fusion_layer[site.active[1]], "value"):
-                    extra += 2 * (len(site.active[2]) - 1) * hidden * hidden
+    for parts in layer_parts(model):
+        for site in (parts.mh_site, parts.out_site):
+            for f in site.active.fuses() if site.active is not None else ():
+                if hasattr(site.adapter_fusion_layer[f.name], "value"):
+                    extra += 2 * (len(f.names) - 1) * hidden * hidden
     return extra
 
 

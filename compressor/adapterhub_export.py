@@ -25,16 +25,15 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .compaction import _kept as _keep
+from .compaction import head_rows
 from .errors import UnsupportedAdapterError
 from .masks import MaskSet, masked_copy
 from .modeling.architecture import layer_parts, transformers_names
 from .modeling.config import NAMED_FUSION_CONFIGS, FusionConfig
-from .modeling.descriptions import describe
+from .modeling.descriptions import INVERTIBLE, describe
+from .modeling.compositions import Fuse, of_children, parse
 from .units import active_adapter_names
-
-
-def _keep(mask: Optional[torch.Tensor], n: int) -> torch.Tensor:
-    return torch.arange(n) if mask is None else torch.nonzero(mask, as_tuple=False).flatten()
 
 
 def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -71,7 +70,7 @@ def write_adapterhub(model: nn.Module, maskset: Optional[MaskSet], out: Path, re
             keep = torch.tensor([0])
         if len(keep) < n:
             pruned_heads[i] = sorted(set(range(n)) - set(keep.tolist()))
-            rows = (keep[:, None] * size + torch.arange(size)[None, :]).flatten()
+            rows = head_rows(keep, size)
             p = f"{prefix}.{i}"
             for name in ("query", "key", "value"):
                 state[f"{p}.{d.attention}.{name}.weight"] = state[f"{p}.{d.attention}.{name}.weight"][rows]
@@ -95,22 +94,23 @@ def write_adapterhub(model: nn.Module, maskset: Optional[MaskSet], out: Path, re
     setattr(config, d.ffn_size_field, width)
 
     # fused adapters -> leave_out; bottleneck neurons -> per-layer widths
-    fusion = hub["fusions"].get(setup)
+    comp = _composition(hub, setup)
     present = {}  # layer -> set of adapters that run there
     for i, layer in enumerate(layers):
+        kept, dropped = set(), set()
         for _, site in layer.sites:
-            names = active_adapter_names(site)
-            if site.active is not None and site.active[0] == "fuse":
-                mask = site.adapter_fusion_layer[site.active[1]].get_mask("adapters")
-                names = [n for j, n in enumerate(names) if mask is None or bool(mask[j])]
-            prev = present.setdefault(i, None)
-            if prev is not None and set(names) != prev and site.active is not None:
-                raise UnsupportedAdapterError(
-                    f"layer {i}: its attention and FFN fusions keep different adapters, which AdapterHub's "
-                    "per-layer leave_out cannot express"
-                )
-            if site.active is not None:
-                present[i] = set(names)
+            if site.active is None:
+                continue
+            gone = {n for f in site.active.fuses() for j, n in enumerate(f.names)
+                    if (m := site.adapter_fusion_layer[f.name].get_mask("adapters")) is not None and not bool(m[j])}
+            kept |= set(active_adapter_names(site)) - gone
+            dropped |= gone
+        if kept & dropped:
+            raise UnsupportedAdapterError(
+                f"layer {i}: its attention and FFN fusions keep different adapters, which AdapterHub's "
+                "per-layer leave_out cannot express"
+            )
+        present[i] = kept
     widths = {}  # (adapter, layer) -> kept bottleneck indices per site
     for i, layer in enumerate(layers):
         for _, site in layer.sites:
@@ -137,19 +137,23 @@ def write_adapterhub(model: nn.Module, maskset: Optional[MaskSet], out: Path, re
                 state[f"{down}.bias"] = _pad_rows(state[f"{down}.bias"][keep], w)
                 state[f"{p}.adapter_up.weight"] = _pad_cols(state[f"{p}.adapter_up.weight"][:, keep], w)
         cfg["reduction_factor"] = mapping or cfg["reduction_factor"]
-    if fusion is not None:
-        order = _reorder_fusion(fusion["adapters"], present, hub["adapters"])
-        if order != fusion["adapters"]:  # the fusion's name is its adapter list: rename its weights too
-            new_setup = ",".join(order)
-            old_part, new_part = f".adapter_fusion_layer.{setup}.", f".adapter_fusion_layer.{new_setup}."
-            state = {k.replace(old_part, new_part): v for k, v in state.items()}
-            hub["fusions"][new_setup] = dict(fusion, adapters=order)
-            del hub["fusions"][setup]
-            setup = new_setup
+    children = []
+    for child in (comp.children if comp is not None else ()):
+        if isinstance(child, Fuse):
+            order = _reorder_fusion(list(child.names), present, hub["adapters"])
+            if order != list(child.names):  # the fusion's name is its adapter list: rename its weights too
+                name = ",".join(order)
+                old_part, new_part = f".adapter_fusion_layer.{child.name}.", f".adapter_fusion_layer.{name}."
+                state = {k.replace(old_part, new_part): v for k, v in state.items()}
+                hub["fusions"][name] = dict(hub["fusions"].pop(child.name), adapters=order)
+                child = Fuse(name, tuple(order))
+        children.append(child)
+    if comp is not None:
+        setup = str(of_children(children))
 
     # only the active setup travels; drop the rest
     keep_names = _setup_names(hub, setup)
-    state = {k: v for k, v in state.items() if _belongs(k, keep_names, setup)}
+    state = {k: v for k, v in state.items() if _belongs(k, keep_names, setup, hub)}
     state = _rename_base_weights(state, prefix, transformers_names(d))
     hub_section = _hub_section(hub, setup, keep_names)
     raw = config.to_dict()
@@ -179,24 +183,29 @@ def _rename_base_weights(state: dict, prefix: str, names: dict) -> dict:
     return out
 
 
+def _composition(hub: dict, setup: Optional[str]):
+    return None if setup is None else parse(setup, {k: v["adapters"] for k, v in hub["fusions"].items()})
+
+
 def _setup_names(hub: dict, setup: Optional[str]) -> list:
-    if setup is None:
-        return []
-    return list(hub["fusions"][setup]["adapters"]) if setup in hub["fusions"] else [setup]
+    return [] if setup is None else _composition(hub, setup).adapters()
 
 
-def _belongs(key: str, names: list, setup: Optional[str]) -> bool:
+def _belongs(key: str, names: list, setup: Optional[str], hub: dict) -> bool:
     if ".adapters." in key:
         return key.split(".adapters.", 1)[1].split(".", 1)[0] in names
     if ".adapter_fusion_layer." in key:
-        return key.split(".adapter_fusion_layer.", 1)[1].rsplit(".", 2)[0] == setup
+        fusions = [] if setup is None else [f.name for f in _composition(hub, setup).fuses()]
+        return key.split(".adapter_fusion_layer.", 1)[1].rsplit(".", 2)[0] in fusions
+    if key.startswith(f"{INVERTIBLE}.") or f".{INVERTIBLE}." in key:  # copied whole, for the adapters that travel
+        return key.split(f"{INVERTIBLE}.", 1)[1].split(".", 1)[0] in names
     return True
 
 
 def _reorder_fusion(names: list, present: dict, adapters: dict) -> list:
     """AdapterHub needs the fusion's last adapter wherever the fusion runs; it also takes that adapter's
     placement. Move an always-present adapter last when every fused adapter has the same placement."""
-    running = [p for p in present.values() if p]
+    running = [p & set(names) for p in present.values() if p & set(names)]  # where the fusion runs
     if all(names[-1] in p for p in running):
         return names
     candidates = [n for n in names if all(n in p for p in running)]
@@ -215,16 +224,17 @@ def _hub_section(hub: dict, setup: Optional[str], names: list) -> dict:
     adapters = {n: hub["adapters"][n] for n in names}
     section = dict(adapters={n: f"cfg_{n}" for n in adapters}, config_map={f"cfg_{n}": c for n, c in adapters.items()},
                    fusions={}, fusion_config_map={}, fusion_name_map={})
-    if setup in hub["fusions"]:
-        f = hub["fusions"][setup]
+    for i, fuse in enumerate(_composition(hub, setup).fuses() if setup is not None else ()):
+        f = hub["fusions"][fuse.name]
         named = [k for k, v in NAMED_FUSION_CONFIGS.items() if FusionConfig.from_adapterhub(v).to_dict() == f["config"]]
         if named:  # adapters 1.3 reads only named fusion configs back from a full model's config.json
-            section["fusions"][setup] = named[0]
+            section["fusions"][fuse.name] = named[0]
         else:
-            section["fusions"][setup] = "fusion_cfg"
-            section["fusion_config_map"]["fusion_cfg"] = dict(
+            cfg = "fusion_cfg" if i == 0 else f"fusion_cfg_{i}"
+            section["fusions"][fuse.name] = cfg
+            section["fusion_config_map"][cfg] = dict(
                 dict(regularization=False, value_initialized=False, dropout_prob=None), **f["config"])
-        section["fusion_name_map"][setup] = f["adapters"]
+        section["fusion_name_map"][fuse.name] = f["adapters"]
     return section
 
 

@@ -19,13 +19,20 @@ from torch import nn
 from .io import atomic_output_dir
 from .masks import MaskSet, apply_masks
 from .modeling.architecture import LayerParts, layer_parts
+from .modeling.compositions import Fuse, Single, of_children
 from .modeling.loading import MANIFEST_FILE
 from .modeling.modules import AdapterSite, Bottleneck, Fusion, Intermediate, SelfAttention
 from .units import fingerprint
 
 
 def _kept(mask: Optional[torch.Tensor], n: int) -> torch.Tensor:
+    """Indices of the kept members of a unit of n (all when unmasked). Write-back slices with it too."""
     return torch.arange(n) if mask is None else torch.nonzero(mask, as_tuple=False).flatten()
+
+
+def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The Q/K/V rows (and the attention output's columns) of the kept `heads`. Write-back slices with it too."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim)[None, :]).flatten()
 
 
 def _take(t: torch.Tensor, index: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -71,7 +78,7 @@ def _compact_attention(layer: LayerParts) -> int:
     att: SelfAttention = layer.attention
     d = att.attention_head_size
     heads = _kept(att.get_mask("heads"), att.num_attention_heads)
-    rows = (heads[:, None] * d + torch.arange(d)[None, :]).flatten()
+    rows = head_rows(heads, d)
     new = SelfAttention(att.query.in_features, len(heads), d, att.dropout.p)
     for name in ("query", "key", "value"):
         old = getattr(att, name)
@@ -121,50 +128,63 @@ def _compact_adapter(adapter: Bottleneck, in_fusion: bool):
 
 
 def _compact_site(site: AdapterSite, spec: dict) -> dict:
+    """Each child of the site's composition compacted in turn (a stacked adapter, a fusion and its adapters);
+    a child keeps its place and its lead adapter's placement."""
     new_spec = dict(adapters={}, fusions={}, active=None, placement=dict(spec["placement"]))
+    if "placements" in spec:
+        new_spec["placements"] = [dict(p) for p in spec["placements"]]
     adapters, fusions = nn.ModuleDict(), nn.ModuleDict()
-    if site.active is not None and site.active[0] == "single":
-        name = site.active[1]
-        adapters[name], new_spec["adapters"][name] = _compact_adapter(site.adapters[name], in_fusion=False)
-        new_spec["active"] = ["single", name]
-    elif site.active is not None:
-        fname, names = site.active[1], list(site.active[2])
-        fusion: Fusion = site.adapter_fusion_layer[fname]
-        mask = fusion.get_mask("adapters")
-        kept = [n for i, n in enumerate(names) if mask is None or bool(mask[i])]
-        # kept bottleneck neurons per kept adapter, read before the adapters are replaced
-        neurons = {n: _kept(site.adapters[n].get_mask("bottleneck"), site.adapters[n].width) for n in kept}
-        for n in kept:
-            adapters[n], new_spec["adapters"][n] = _compact_adapter(site.adapters[n], in_fusion=True)
-        has_value = hasattr(fusion, "value")
-        if fusion.bottleneck_space and len(kept) == 1 and not has_value:
-            new_spec["active"] = ["single", kept[0]]  # its up projection already holds V
-        elif fusion.bottleneck_space:
-            # a compacted model compacted again: the ups hold V, so it stays in bottleneck space
-            new, entry = _copy_bottleneck(fusion, names, kept, neurons, spec["fusions"][fname])
-            fusions[fname] = new
-            new_spec["fusions"][fname] = dict(entry, adapters=kept)
-            new_spec["active"] = ["fuse", fname, kept]
-        elif len(kept) == 1 and not (has_value and fusion.residual_before):
-            # softmax over one adapter is 1: out = V u + residual, a plain adapter with V folded into its up.
-            only = adapters[kept[0]]
-            if has_value:
-                v = fusion.value.weight
-                with torch.no_grad():
-                    only.adapter_up.weight.copy_(v @ only.adapter_up.weight)
-                    only.adapter_up.bias.copy_(v @ only.adapter_up.bias)
-            new_spec["active"] = ["single", kept[0]]
-        else:
-            folded, entry = _fold_fusion(fusion, len(kept))
-            ups = [adapters[n] for n in kept]
-            if len(kept) >= 2 and _bottleneck_is_cheaper(folded, ups):
-                folded, entry = _to_bottleneck_space(folded, ups)
-            fusions[fname] = folded
-            new_spec["fusions"][fname] = dict(entry, adapters=kept)
-            new_spec["active"] = ["fuse", fname, kept]
+    children = [_compact_fuse(site, c, spec, adapters, fusions, new_spec) if isinstance(c, Fuse) else
+                _compact_single(site, c, adapters, new_spec)
+                for c in (site.active.children if site.active is not None else ())]
     site.adapters, site.adapter_fusion_layer = adapters, fusions
-    site.active = copy.deepcopy(new_spec["active"])
+    site.active = of_children(children)
+    new_spec["active"] = None if site.active is None else site.active.to_json()
     return new_spec
+
+
+def _compact_single(site: AdapterSite, child: Single, adapters: nn.ModuleDict, new_spec: dict) -> Single:
+    adapters[child.name], new_spec["adapters"][child.name] = _compact_adapter(site.adapters[child.name],
+                                                                                in_fusion=False)
+    return child
+
+
+def _compact_fuse(site: AdapterSite, child: Fuse, spec: dict, adapters: nn.ModuleDict, fusions: nn.ModuleDict,
+                  new_spec: dict):
+    """A fusion without its pruned adapters: folded, in bottleneck space, or a plain adapter when one is left."""
+    fname, names = child.name, list(child.names)
+    fusion: Fusion = site.adapter_fusion_layer[fname]
+    mask = fusion.get_mask("adapters")
+    kept = [n for i, n in enumerate(names) if mask is None or bool(mask[i])]
+    # kept bottleneck neurons per kept adapter, read before the adapters are replaced
+    neurons = {n: _kept(site.adapters[n].get_mask("bottleneck"), site.adapters[n].width) for n in kept}
+    for n in kept:
+        adapters[n], new_spec["adapters"][n] = _compact_adapter(site.adapters[n], in_fusion=True)
+    has_value = hasattr(fusion, "value")
+    if fusion.bottleneck_space and len(kept) == 1 and not has_value:
+        return Single(kept[0])  # its up projection already holds V
+    if fusion.bottleneck_space:
+        # a compacted model compacted again: the ups hold V, so it stays in bottleneck space
+        new, entry = _copy_bottleneck(fusion, names, kept, neurons, spec["fusions"][fname])
+        fusions[fname] = new
+        new_spec["fusions"][fname] = dict(entry, adapters=kept)
+        return Fuse(fname, tuple(kept))
+    if len(kept) == 1 and not (has_value and fusion.residual_before):
+        # softmax over one adapter is 1: out = V u + residual, a plain adapter with V folded into its up.
+        only = adapters[kept[0]]
+        if has_value:
+            v = fusion.value.weight
+            with torch.no_grad():
+                only.adapter_up.weight.copy_(v @ only.adapter_up.weight)
+                only.adapter_up.bias.copy_(v @ only.adapter_up.bias)
+        return Single(kept[0])
+    folded, entry = _fold_fusion(fusion, len(kept))
+    ups = [adapters[n] for n in kept]
+    if len(kept) >= 2 and _bottleneck_is_cheaper(folded, ups):
+        folded, entry = _to_bottleneck_space(folded, ups)
+    fusions[fname] = folded
+    new_spec["fusions"][fname] = dict(entry, adapters=kept)
+    return Fuse(fname, tuple(kept))
 
 
 def _fold_fusion(fusion: Fusion, n: int):

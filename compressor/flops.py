@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from .modeling.architecture import layer_parts
+from .modeling.compositions import Fuse
 from .modeling.modules import AdapterSite, Fusion
 from .units import active_adapter_names
 
@@ -45,19 +46,24 @@ def bottleneck_fusion_flops(hidden: int, widths: list, value_on_residual: bool) 
 
 
 def site_cost(site: AdapterSite, hidden: int) -> dict:
+    """Per token, every child of the site's composition: a bottleneck's down and up projections (and gate), a
+    fusion's cost (`fusion_flops`; a bottleneck-space fusion computes its adapters' up projections in its mix,
+    so they count there)."""
+    children = site.active.children if site.active is not None else ()
+    adapter_flops = fusion = fusion_params = 0
+    for child in children:
+        fuse = isinstance(child, Fuse)
+        module = site.adapter_fusion_layer[child.name] if fuse else None
+        ups = 0 if fuse and getattr(module, "bottleneck_space", False) else 1
+        adapter_flops += sum(2 * (1 + ups) * hidden * site.adapters[n].width
+                             + (2 * hidden if hasattr(site.adapters[n], "gate") else 0) for n in child.adapters())
+        if fuse:
+            fusion += fusion_flops(module, len(child.names), hidden)
+            fusion_params += _params(module)
     names = active_adapter_names(site)
-    fuse = site.active is not None and site.active[0] == "fuse"
-    # a bottleneck-space fusion computes its adapters' up projections inside its mix: they count there
-    ups = 0 if fuse and getattr(site.adapter_fusion_layer[site.active[1]], "bottleneck_space", False) else 1
-    adapter_flops = sum(2 * (1 + ups) * hidden * site.adapters[n].width
-                        + (2 * hidden if hasattr(site.adapters[n], "gate") else 0) for n in names)
-    fusion = fusion_params = 0
-    if fuse:
-        module = site.adapter_fusion_layer[site.active[1]]
-        fusion, fusion_params = fusion_flops(module, len(names), hidden), _params(module)
     return dict(adapters=names, widths=[site.adapters[n].width for n in names], adapter_flops=adapter_flops,
                 fusion_flops=fusion, adapter_params=sum(_params(site.adapters[n]) for n in names),
-                fusion_params=fusion_params, fused=site.active is not None and site.active[0] == "fuse")
+                fusion_params=fusion_params, fused=any(isinstance(c, Fuse) for c in children))
 
 
 def layer_costs(model: nn.Module, seq_len: int = 128) -> list:

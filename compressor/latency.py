@@ -102,11 +102,12 @@ def layer_counts(model: nn.Module, masks: Optional[dict] = None) -> list:
                 continue
             spath = paths[id(site)]
             kept = names
-            if site.active[0] == "fuse":
-                fkey = unit_key(f"{spath}.adapter_fusion_layer.{site.active[1]}", "adapters")
-                km = _kept(masks, fkey, len(names))
-                kept = [n for n, k in zip(names, km.tolist()) if k]
-                c[f"{sname}:adapters"] = len(kept)
+            for fuse in site.active.fuses():  # a fused adapter pruned from its fusion does not run
+                fkey = unit_key(f"{spath}.adapter_fusion_layer.{fuse.name}", "adapters")
+                km = _kept(masks, fkey, len(fuse.names))
+                gone = {n for n, k in zip(fuse.names, km.tolist()) if not k}
+                kept = [n for n in kept if n not in gone]
+                c[f"{sname}:adapters"] = c.get(f"{sname}:adapters", 0) + len(fuse.names) - len(gone)
             c[f"{sname}:width"] = sum(int(_kept(masks, unit_key(f"{spath}.adapters.{n}", "bottleneck"),
                                                 site.adapters[n].width).sum()) for n in kept)
         out.append(c)
@@ -241,9 +242,11 @@ def _configurations(sub: nn.Module) -> list:
             continue
         spath = paths[id(site)]
         widths = [site.adapters[n].width for n in names]
-        if site.active[0] == "fuse" and len(names) > 1:
-            fkey = unit_key(f"{spath}.adapter_fusion_layer.{site.active[1]}", "adapters")
-            out += [(f"{sname}:adapters", k, {fkey: _first(len(names), k)}) for k in _points(len(names))[:-1]]
+        for fuse in site.active.fuses():
+            if len(fuse.names) > 1:
+                fkey = unit_key(f"{spath}.adapter_fusion_layer.{fuse.name}", "adapters")
+                n = len(fuse.names)
+                out += [(f"{sname}:adapters", k, {fkey: _first(n, k)}) for k in _points(n)[:-1]]
         for frac in (0.25, 0.5, 0.75):  # every adapter of the site at the same share of its width
             kept = [max(1, round(frac * w)) for w in widths]
             if kept != widths:

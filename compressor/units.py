@@ -46,9 +46,8 @@ def unit_key(module_path: str, kind: str) -> str:
 
 
 def active_adapter_names(site: AdapterSite) -> list:
-    if site.active is None:
-        return []
-    return list(site.active[2]) if site.active[0] == "fuse" else [site.active[1]]
+    """Every adapter the site's composition runs (stacked and fused), in order."""
+    return [] if site.active is None else site.active.adapters()
 
 
 def iter_units(model: nn.Module) -> Iterator[Unit]:
@@ -58,15 +57,8 @@ def iter_units(model: nn.Module) -> Iterator[Unit]:
         elif isinstance(module, Intermediate) and module.dense.out_features > 0:
             yield Unit(unit_key(path, "neurons"), "neurons", path, (module.dense.out_features,))
         elif isinstance(module, AdapterSite) and module.active is not None:
-            names = active_adapter_names(module)
-            if module.active[0] == "fuse" and names:
-                fpath = f"{path}.adapter_fusion_layer.{module.active[1]}"
-                yield Unit(unit_key(fpath, "adapters"), "adapters", fpath, (len(names),), tuple(names))
-            for name in names:
-                adapter = module.adapters[name]
-                if adapter.width > 0:
-                    apath = f"{path}.adapters.{name}"
-                    yield Unit(unit_key(apath, "bottleneck"), "bottleneck", apath, (adapter.width,))
+            for upath, kind, shape, members in module.active.units(module, path):
+                yield Unit(unit_key(upath, kind), kind, upath, shape, members)
     for path, param in weight_params(model):
         yield Unit(unit_key(path, "weights"), "weights", path, tuple(param.shape))
 
@@ -82,11 +74,9 @@ def weight_params(model: nn.Module):
         elif isinstance(module, AdapterSite):
             if module.dense.weight.numel():
                 yield f"{path}.dense.weight", module.dense.weight
-            for name in active_adapter_names(module):
-                yield from _linear_weights(module.adapters[name], f"{path}.adapters.{name}")
-            if module.active is not None and module.active[0] == "fuse":
-                fname = module.active[1]
-                yield from _linear_weights(module.adapter_fusion_layer[fname], f"{path}.adapter_fusion_layer.{fname}")
+            if module.active is not None:
+                for mpath, sub in module.active.modules(module, path):
+                    yield from _linear_weights(sub, mpath)
 
 
 def _linear_weights(module: nn.Module, prefix: str):

@@ -53,7 +53,7 @@ import torch
 from torch import nn
 
 import adapters
-from adapters import AdapterConfig, AutoAdapterModel, Fuse
+from adapters import AdapterConfig, AutoAdapterModel, Fuse, Stack
 from adapters.configuration import AdapterFusionConfig
 from transformers import (
     AutoConfig,
@@ -340,13 +340,69 @@ CASES: List[Case] = [
          active=FLEX_HEAD),
     _fuse("distilbert_flex_fuse2", [("a", "double_seq_bn"), ("b", "double_seq_bn")],
           _c("dynamic", residual_before=True), arch="distilbert", head="flex"),
+    # --- invertible adapters (MAD-X language adapters, NICE) on the embeddings: the active setup's first() adapter's
+    # runs (a fusion's first fused adapter; none when that one has none). Under Stack: below the Stack rows
+    _single("seq_bn_inv", "seq_bn_inv"),
+    Case(id="xlmr_flex_double_seq_bn_inv", arch="xlm-roberta", head="flex", adapters=((FLEX_HEAD, "double_seq_bn_inv"),),
+         active=FLEX_HEAD),
+    _single("electra_seqcls_seq_bn_inv_gelu", _c("seq_bn_inv", non_linearity="gelu"), arch="electra", head="seqcls"),
+    _single("distilbert_double_seq_bn_inv_rf4", _c("double_seq_bn_inv", inv_adapter_reduction_factor=4),
+            arch="distilbert"),
+    _fuse("roberta_fuse2_inv_first", [("a", "seq_bn_inv"), ("b", _c("seq_bn", reduction_factor=4))], arch="roberta"),
+    _fuse("fuse2_inv_second", [("a", "seq_bn"), ("b", "seq_bn_inv")]),
+]
+
+# --- Stack (issue 16): MAD-X's Stack(language, task) and Stack(language, Fuse(...)), as compose_stack runs them:
+# each member after its own pre_forward (the transformer's layer norm again), the last one's post_forward
+def _stack(id_: str, adapter_configs, fusion=None, **kw: Any) -> Case:
+    members = [n for n, _ in adapter_configs if not fusion or n not in fusion[0]]
+    if fusion:
+        members.append(f"Fuse({','.join(fusion[0])})")
+    active = f"Stack({','.join(members)})"
+    return Case(id=id_, adapters=tuple(adapter_configs), fusion=fusion, setup=active, active=active, **kw)
+
+
+CASES += [
+    _stack("stack_lang_task", [("lang", "seq_bn"), ("task", _c("seq_bn", reduction_factor=4))]),
+    _stack("stack_lang_task_houlsby_mixed", [("lang", "double_seq_bn"), ("task", _MIXED_LAST)], head="seqcls"),
+    # the flex head is saved with the task adapter named like it (save_adapter carries it)
+    _stack("stack_lang_task_leave_out", [("lang", _c("seq_bn", leave_out=[1])), (FLEX_HEAD, "seq_bn")],
+           arch="roberta", head="flex"),
+    _stack("stack_lang_fuse2", [("lang", "seq_bn"), ("a", "seq_bn"), ("b", _c("seq_bn", reduction_factor=4))],
+           fusion=(("a", "b"), "dynamic"), head="flex"),
+    _stack("stack_lang_fuse3_static_houlsby", [("lang", "double_seq_bn"), ("a", "double_seq_bn"),
+                                              ("b", _c("double_seq_bn", reduction_factor=8)), ("c", "double_seq_bn")],
+           fusion=(("a", "b", "c"), _c("static", residual_before=True)), arch="distilbert"),
+]
+
+# --- MAD-X: an invertible language adapter under Stack(lang, task) / Stack(lang, Fuse(...)): first() is lang, so its
+# block runs on the embeddings; under Stack(task, lang) first() is task, which has none: no block runs
+CASES += [
+    _stack("stack_inv_lang_task", [("lang", "seq_bn_inv"), ("task", _c("seq_bn", reduction_factor=4))]),
+    _stack("xlmr_seqcls_stack_inv_lang_fuse2", [("lang", "seq_bn_inv"), ("a", "seq_bn"),
+                                                ("b", _c("seq_bn", reduction_factor=4))],
+           fusion=(("a", "b"), "dynamic"), arch="xlm-roberta", head="seqcls"),
+    _stack("electra_stack_inv_lang_task", [("lang", "seq_bn_inv"), ("task", "seq_bn")], arch="electra"),
+    _stack("distilbert_stack_inv_lang_task", [("lang", _c("double_seq_bn_inv", non_linearity="gelu")),
+                                              ("task", "double_seq_bn")], arch="distilbert"),
+    _stack("stack_task_inv_lang", [("task", "seq_bn"), ("lang", "seq_bn_inv")]),
+]
+
+# --- parallel bottleneck adapters (par_bn, AdapterHub's ParallelAdapter): read the sub-layer's input, their scaled
+# output is added to the sub-layer's output before the residual and layer norm; alone and in a Stack
+CASES += [
+    _single("par_bn", "par_bn"),
+    _single("par_bn_options", _c("par_bn", mh_adapter=True, use_gating=True, ln_after=True, scaling="learned",
+                                 non_linearity="gelu", leave_out=[0]), arch="roberta", head="seqcls"),
+    _stack("stack_par_bn_task", [("par", _c("par_bn", reduction_factor=4)), ("task", "double_seq_bn")]),
+    _stack("stack_lang_par_bn", [("lang", "seq_bn"), (FLEX_HEAD, "par_bn")], arch="distilbert", head="flex"),
 ]
 
 # Options the toolkit does not support: loading must raise UnsupportedAdapterError naming them.
 UNSUPPORTED_CASES: List[Case] = [
     _single("unsupported_phm_layer", _c("seq_bn", phm_layer=True, reduction_factor=4), unsupported="phm_layer"),
-    _single("unsupported_par_bn", "par_bn", unsupported="is_parallel"),
-    _single("unsupported_seq_bn_inv", "seq_bn_inv", unsupported="inv_adapter"),
+    _fuse("unsupported_par_bn_fusion", [("a", "par_bn"), ("b", "par_bn")], unsupported="is_parallel"),
+    _single("unsupported_seq_bn_inv_glow", _c("seq_bn_inv", inv_adapter="glow"), unsupported="glow"),
     _single("unsupported_lora", "lora", unsupported="lora"),
 ]
 
@@ -429,6 +485,21 @@ def randomize_(model: nn.Module, seed: int) -> None:
 
 
 def active_setup(case: Case):
+    if case.active.startswith("Stack("):  # members: adapter names, or Fuse(a,b) for the case's fusion
+        members = [m.strip() for m in case.active[len("Stack("):-1].replace("Fuse(", "[").replace(")", "]")
+                   .split(",")]
+        out, group = [], None
+        for m in members:
+            if m.startswith("["):
+                group = [m[1:]]
+            elif group is not None:
+                group.append(m.rstrip("]"))
+                if m.endswith("]"):
+                    out.append(Fuse(*group))
+                    group = None
+            else:
+                out.append(m)
+        return Stack(*out)
     if case.fusion and case.active == case.fusion_name:
         return Fuse(*case.fusion[0])
     return case.active

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import compressor
 from compressor.compaction import compact, save_compacted
 from compressor.masks import MaskSet, masked_copy
+from compressor.modeling.compositions import Single
 from compressor.units import iter_units
 import adapterhub_reference as ref
 from factories import make_model_dir, random_inputs
@@ -51,6 +52,16 @@ VARIANTS = {
     "compacted-distilbert-houlsby-flex": dict(model_type="distilbert", reference="distilbert_flex_fuse2",
                                               compacted=True),
     "mbert-pfeiffer-dynamic-flex": dict(model_type="bert", reference="mbert_flex_fuse2", vocab=ref.MBERT_VOCAB),
+    # Stack(lang, task) and Stack(lang, Fuse(a, b[, c])): stacked bottlenecks and a stacked fusion
+    "stack-lang-task-mixed-seqcls": dict(model_type="bert", reference="stack_lang_task_houlsby_mixed"),
+    "stack-lang-fuse2-flex": dict(model_type="bert", reference="stack_lang_fuse2"),
+    "compacted-stack-lang-fuse3-distilbert": dict(model_type="distilbert", reference="stack_lang_fuse3_static_houlsby",
+                                                  compacted=True),
+    # parallel bottleneck adapters (par_bn): alone (both sites, gating, ln_after) and stacked before a Houlsby
+    "par-bn-options-roberta-seqcls": dict(model_type="roberta", reference="par_bn_options"),
+    "stack-par-bn-task": dict(model_type="bert", reference="stack_par_bn_task"),
+    # MAD-X: an invertible language adapter on the embeddings (kept whole, copied) under Stack(lang, Fuse(a, b))
+    "stack-inv-lang-fuse2-xlmr-seqcls": dict(model_type="xlm-roberta", reference="xlmr_seqcls_stack_inv_lang_fuse2"),
 }
 
 
@@ -70,7 +81,8 @@ def models(tmp_path_factory):
             d = _reference_dir(kwargs["reference"], tmp_path_factory.mktemp(name))
         else:
             d = make_model_dir(tmp_path_factory.mktemp(name), **kwargs)
-        model = compressor.load_model(d)
+        setup = ref.CASES_BY_ID[kwargs["reference"]].setup if "reference" in kwargs else None
+        model = compressor.load_model(d, setup=setup)
         if compacted:
             model = compressor.load_model(save_compacted(compact(model), tmp_path_factory.mktemp(name) / "c"))
         out[name] = (kwargs["model_type"], model)
@@ -140,7 +152,7 @@ def test_compaction_really_shrinks(models):
     for layer in compacted.base_model.encoder.layer:
         assert layer.attention.self.num_attention_heads == 2
         assert len(layer.output.adapter_fusion_layer) == 0
-        assert layer.output.active[0] == "single"
+        assert isinstance(layer.output.active, Single)
 
 
 def test_all_heads_pruned_layer_keeps_output_bias(models):
@@ -165,7 +177,7 @@ def test_folded_fusion_is_cheaper(models):
     compacted = compact(model)
     hidden = model.base_model.config.hidden_size
     site, new_site = model.base_model.encoder.layer[0].output, compacted.base_model.encoder.layer[0].output
-    fname, names = site.active[1], site.active[2]
+    fname, names = site.active.name, site.active.names
     n = len(names)
     assert fusion_flops(site.adapter_fusion_layer[fname], n, hidden) == 2 * hidden * hidden * (n + 2) + 4 * n * hidden
     folded, _ = _fold_fusion(site.adapter_fusion_layer[fname], n)
@@ -197,7 +209,7 @@ def test_bottleneck_space_only_where_cheaper(models, tmp_path):
     compacted = compact(model)
     assert _forms(compacted) == {(0, "output_adapter"): False, (1, "output_adapter"): True}
     site = compacted.base_model.encoder.layer[0].output
-    assert not site.adapter_fusion_layer[site.active[1]].bottleneck_space
+    assert not site.adapter_fusion_layer[site.active.name].bottleneck_space
     inputs = random_inputs(model_type, 3, 9, "random", seed=5)
     assert (_output(compacted, inputs) - _output(model, inputs)).abs().max() <= 1e-5
     from compressor.compaction import folded_fusions_only
@@ -221,8 +233,8 @@ def test_bottleneck_space_only_where_cheaper(models, tmp_path):
     assert _forms(pruned) == {(0, "output_adapter"): True, (1, "output_adapter"): True}
     assert (_output(pruned, inputs) - _output(masked_copy(model, maskset), inputs)).abs().max() <= 1e-5
     site = model.base_model.encoder.layer[0].output
-    folded, _ = _fold_fusion(site.adapter_fusion_layer[site.active[1]], 3)
-    assert not _bottleneck_is_cheaper(folded, [site.adapters[a] for a in site.active[2]])
+    folded, _ = _fold_fusion(site.adapter_fusion_layer[site.active.name], 3)
+    assert not _bottleneck_is_cheaper(folded, [site.adapters[a] for a in site.active.names])
 
 
 def test_bottleneck_space_manifest_is_checked(models, tmp_path):

@@ -17,7 +17,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, Pretrain
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..errors import UnsupportedAdapterError
-from . import modules
+from . import compositions, invertible, modules
 from .config import BottleneckConfig, FusionConfig
 from .descriptions import describe, set_submodule, submodule
 from .modules import AdapterSite, Bottleneck, Fusion, Intermediate, PredictionHead, SelfAttention
@@ -168,12 +168,28 @@ def manifest_from_adapterhub(config: PretrainedConfig, model_class: str, adapter
         adapterhub=dict(adapters={k: v.to_dict() for k, v in adapters.items()},
                         fusions={k: dict(adapters=list(n), config=f.to_dict()) for k, (n, f) in fusions.items()}),
         heads=heads or {}, active_head=active_head, setup=None, compacted=False,
+        **invertible.manifest_fields(config, adapters),
     )
 
 
+def setup_composition(manifest: dict, setup: Optional[str]):
+    """The Composition a setup string names in this manifest (compositions.parse; names checked)."""
+    hub = manifest["adapterhub"]
+    adapters, fusions = hub["adapters"], hub["fusions"]
+    comp = compositions.parse(setup, {k: v["adapters"] for k, v in fusions.items()})
+    for child in comp.children:
+        if child.name not in adapters and child.name not in fusions:
+            raise UnsupportedAdapterError(
+                f"setup '{setup}': '{child.name}' is neither an adapter nor a fusion of this model "
+                f"(adapters: {', '.join(adapters) or 'none'}; fusions: {', '.join(fusions) or 'none'})"
+            )
+    return comp
+
+
 def resolve_setup(manifest: dict, setup: Optional[str]) -> dict:
-    """Set each site's active adapters and placement for `setup` (an adapter or fusion name; None picks the
-    only fusion, else the only adapter) the way AdapterHub's BottleneckLayer resolves it. Returns the manifest."""
+    """Set each site's active composition and placements for `setup` (its string form: an adapter or fusion
+    name, or Stack(a,b); None picks the only fusion, else the only adapter) the way AdapterHub's
+    BottleneckLayer resolves it: at each site the children with an adapter there. Returns the manifest."""
     hub = manifest["adapterhub"]
     adapters, fusions = hub["adapters"], hub["fusions"]
     if setup is None:
@@ -186,36 +202,41 @@ def resolve_setup(manifest: dict, setup: Optional[str]) -> dict:
                 f"the model has {len(adapters)} adapters and {len(fusions)} fusions; choose one with --setup "
                 f"(adapters: {', '.join(adapters)}; fusions: {', '.join(fusions) or 'none'})"
             )
-    if setup is not None and setup not in adapters and setup not in fusions:
-        raise UnsupportedAdapterError(
-            f"setup '{setup}' is neither an adapter nor a fusion of this model "
-            f"(adapters: {', '.join(adapters) or 'none'}; fusions: {', '.join(fusions) or 'none'}); "
-            "stacks and other compositions are not supported"
-        )
-    manifest["setup"] = setup
+    comp = setup_composition(manifest, setup) if setup is not None else None
+    manifest["setup"] = None if comp is None else str(comp)
     for i, layer in enumerate(manifest["layers"]):
         for s, site in layer["sites"].items():
             site["active"], site["placement"] = None, {}
-            if setup is None:
+            site.pop("placements", None)
+            if comp is None:
                 continue
-            if setup in fusions:
-                names = [n for n in fusions[setup]["adapters"] if n in site["adapters"]]
-                if not names:
+            children, leads = [], []
+            for child in comp.children:
+                if isinstance(child, compositions.Fuse):
+                    if any(adapters[n].get("is_parallel") for n in child.names):
+                        raise UnsupportedAdapterError(
+                            f"fusion '{child.name}': a fusion of parallel adapters (is_parallel) is not supported; "
+                            "run a parallel adapter alone or in a Stack")
+                    names = [n for n in child.names if n in site["adapters"]]
+                    if not names:
+                        continue
+                    if child.last() not in site["adapters"]:
+                        raise UnsupportedAdapterError(
+                            f"fusion '{child.name}': its last adapter '{child.last()}' is left out of layer {i}, "
+                            "where AdapterHub cannot run the fusion; reorder the fusion or drop leave_out"
+                        )
+                    children.append(compositions.Fuse(child.name, tuple(names)))
+                elif child.name in site["adapters"]:
+                    children.append(child)
+                else:
                     continue
-                last = fusions[setup]["adapters"][-1]
-                if last not in site["adapters"]:
-                    raise UnsupportedAdapterError(
-                        f"fusion '{setup}': its last adapter '{last}' is left out of layer {i}, where AdapterHub "
-                        "cannot run the fusion; reorder the fusion or drop leave_out"
-                    )
-                site["active"] = ["fuse", setup, names]
-                lead = adapters[last]
-            elif setup in site["adapters"]:
-                site["active"] = ["single", setup]
-                lead = adapters[setup]
-            else:
+                leads.append(BottleneckConfig(**adapters[child.last()]).placement())
+            active = compositions.of_children(children)
+            if active is None:
                 continue
-            site["placement"] = BottleneckConfig(**lead).placement()
+            site["active"], site["placement"] = active.to_json(), leads[-1]
+            if len(leads) > 1:
+                site["placements"] = leads
     return manifest
 
 
@@ -301,8 +322,12 @@ def apply_setup(model: nn.Module, manifest: dict) -> None:
     d = describe(base_config_of(model))
     for layer, spec in zip(layers_of(model), manifest["layers"]):
         for s, site_module in zip(SITES, sites_of(layer, d)):
-            site_module.active = copy.deepcopy(spec["sites"][s]["active"])
-            site_module.placement = dict(spec["sites"][s]["placement"])
+            site = spec["sites"][s]
+            site_module.active = site["active"]
+            site_module.placement = site["placement"]
+            if "placements" in site:  # a Stack: one per child
+                site_module.placements = [dict(p) for p in site["placements"]]
+    invertible.install_invertible(model, manifest)
     model.compress_manifest = manifest
 
 

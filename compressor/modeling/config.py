@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Optional, Union
 
 from ..errors import UnsupportedAdapterError
 
@@ -22,7 +22,18 @@ _SEQ_BN = dict(
 _DOUBLE_SEQ_BN = dict(
     _SEQ_BN, original_ln_before=False, mh_adapter=True, non_linearity="swish",
 )
-NAMED_ADAPTER_CONFIGS = {"seq_bn": _SEQ_BN, "pfeiffer": _SEQ_BN, "double_seq_bn": _DOUBLE_SEQ_BN, "houlsby": _DOUBLE_SEQ_BN}
+# MAD-X's language adapters: the same bottlenecks plus an invertible adapter on the embeddings (SeqBnInvConfig,
+# DoubleSeqBnInvConfig)
+_INV = dict(inv_adapter="nice", inv_adapter_reduction_factor=2)
+NAMED_ADAPTER_CONFIGS = {"seq_bn": _SEQ_BN, "pfeiffer": _SEQ_BN, "double_seq_bn": _DOUBLE_SEQ_BN, "houlsby": _DOUBLE_SEQ_BN,
+                         "seq_bn_inv": dict(_SEQ_BN, **_INV), "pfeiffer+inv": dict(_SEQ_BN, **_INV),
+                         "double_seq_bn_inv": dict(_DOUBLE_SEQ_BN, **_INV), "houlsby+inv": dict(_DOUBLE_SEQ_BN, **_INV)}
+# He et al.'s parallel adapter (ParBnConfig): reads the sub-layer's input, its scaled output is added to the output
+_PAR_BN = dict(_SEQ_BN, original_ln_before=False, reduction_factor=2, scaling=4.0, is_parallel=True)
+NAMED_ADAPTER_CONFIGS.update(par_bn=_PAR_BN, parallel=_PAR_BN)
+# AdapterHub's GLOW coupling block (adapters/methods/modeling.py) slices the sequence axis where it means the
+# features and returns a list: it fails on every [batch, seq, hidden] input, so no glow adapter ever ran there
+INV_ADAPTERS = ("nice",)
 
 _FUSION_STATIC = dict(key=True, query=True, value=False, query_before_ln=False, residual_before=False,
                       temperature=False, value_before_softmax=True)
@@ -32,14 +43,12 @@ NAMED_FUSION_CONFIGS = {"static": _FUSION_STATIC, "dynamic": _FUSION_DYNAMIC}
 # Options that must hold these values, else the adapter computes something we do not implement.
 _REQUIRED_VALUES = {
     "architecture": (None, "bottleneck"),
-    "is_parallel": (False,),
     "phm_layer": (False,),
-    "inv_adapter": (None,),
     "cross_adapter": (False,),
 }
 # Options that only matter during training or initialisation.
 _IGNORED = {
-    "dropout", "init_weights", "init_weights_seed", "stochastic_depth", "inv_adapter_reduction_factor",
+    "dropout", "init_weights", "init_weights_seed", "stochastic_depth",
     "factorized_phm_W", "factorized_phm_rule", "hypercomplex_nonlinearity", "learn_phm", "phm_bias",
     "phm_c_init", "phm_dim", "phm_init_range", "phm_rank", "shared_W_phm", "shared_phm_rule",
 }
@@ -91,6 +100,9 @@ class BottleneckConfig:
     use_gating: bool = False
     scaling: Union[float, str] = 1.0
     leave_out: list = field(default_factory=list)
+    inv_adapter: Optional[str] = None  # an invertible adapter on the embeddings (modeling/invertible.py)
+    inv_adapter_reduction_factor: Optional[float] = None
+    is_parallel: bool = False  # AdapterHub's ParallelAdapter (par_bn)
 
     @classmethod
     def from_adapterhub(cls, raw: Union[str, Mapping[str, Any]], name: str = "?") -> "BottleneckConfig":
@@ -102,10 +114,17 @@ class BottleneckConfig:
         if isinstance(raw, str):
             if raw.lower() not in NAMED_ADAPTER_CONFIGS:
                 raise UnsupportedAdapterError(
-                    f"adapter '{name}': config '{raw}' is not supported; supported: seq_bn (pfeiffer), double_seq_bn (houlsby)"
+                    f"adapter '{name}': config '{raw}' is not supported; supported: seq_bn (pfeiffer), double_seq_bn "
+                    "(houlsby), seq_bn_inv (pfeiffer+inv), double_seq_bn_inv (houlsby+inv), par_bn (parallel)"
                 )
             raw = NAMED_ADAPTER_CONFIGS[raw.lower()]
         raw = dict(raw)
+        nested = raw.pop("invertible_adapter", None)  # AdapterHub v1's form, read as AdapterHub reads it today
+        if nested:
+            if not isinstance(nested, Mapping) or "block_type" not in nested:
+                raise UnsupportedAdapterError(f"adapter '{name}': invertible_adapter={nested!r} must be an object "
+                                              "with block_type and reduction_factor")
+            raw.update(inv_adapter=nested["block_type"], inv_adapter_reduction_factor=nested.get("reduction_factor"))
         for key, allowed in _REQUIRED_VALUES.items():
             if key in raw and raw[key] not in allowed:
                 raise UnsupportedAdapterError(
@@ -123,7 +142,7 @@ class BottleneckConfig:
     def _validate(self, name: str) -> None:
         owner = f"adapter '{name}'"
         for key in ("mh_adapter", "output_adapter", "original_ln_before", "original_ln_after",
-                    "adapter_residual_before_ln", "ln_before", "ln_after", "use_gating"):
+                    "adapter_residual_before_ln", "ln_before", "ln_after", "use_gating", "is_parallel"):
             _check_type(owner, key, getattr(self, key), (bool,), "true or false")
         _check_activation(self.non_linearity, name)
         if not isinstance(self.leave_out, (list, tuple)) or not all(
@@ -142,6 +161,17 @@ class BottleneckConfig:
                                           "(or a mapping of layer to number), not text")
         if not all(f > 0 for f in factors):
             raise UnsupportedAdapterError(f"{owner}: reduction_factor={self.reduction_factor!r} must be > 0")
+        if self.inv_adapter is not None:
+            if self.inv_adapter == "glow":
+                raise UnsupportedAdapterError(
+                    f"{owner}: option inv_adapter='glow' is not supported: AdapterHub's own GLOW block fails on "
+                    "every token sequence, so no glow adapter computes anything to match; use inv_adapter='nice'")
+            if self.inv_adapter not in INV_ADAPTERS:
+                raise UnsupportedAdapterError(f"{owner}: option inv_adapter={self.inv_adapter!r} is not supported "
+                                              f"(only {', '.join(map(repr, INV_ADAPTERS))}, or null for none)")
+            rf = self.inv_adapter_reduction_factor
+            if not isinstance(rf, (int, float)) or isinstance(rf, bool) or rf <= 0:
+                raise UnsupportedAdapterError(f"{owner}: inv_adapter_reduction_factor={rf!r} must be a number > 0")
 
     def width(self, hidden_size: int, layer: int) -> int:
         """Bottleneck width as AdapterHub computes it: int(hidden // reduction_factor), at least 1."""
@@ -161,10 +191,16 @@ class BottleneckConfig:
             original_ln_before=self.original_ln_before,
             original_ln_after=self.original_ln_after,
             residual_before_ln=self.residual_before_ln,
+            **({"is_parallel": True} if self.is_parallel else {}),  # written only when true: old manifests stay
         )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.inv_adapter is None:  # manifests of models without one stay as they were
+            del out["inv_adapter"], out["inv_adapter_reduction_factor"]
+        if not self.is_parallel:
+            del out["is_parallel"]
+        return out
 
 
 @dataclass

@@ -15,6 +15,8 @@ from typing import Optional
 
 from ..errors import UnsupportedAdapterError
 
+INVERTIBLE = "invertible_adapters"  # AdapterHub's attribute of the base model holding invertible adapters
+
 
 @dataclass(frozen=True)
 class ModelDescription:
@@ -40,6 +42,15 @@ class ModelDescription:
     # ffn_dense, ffn_norm and the dropouts after the two dense layers (None: none there).
     layer_class: Optional[str] = None
     source: tuple = ()
+    # AdapterHub's invertible adapters (MAD-X): a forward hook on this module (under the base model) passes its
+    # output through the active setup's first() adapter's invertible adapter, as AdapterHub's post_embedding_forward
+    # does; it is `embedding_size_field` wide (ELECTRA: before its embedding projection). None: AdapterHub has no
+    # invertible adapters for the type, and loading one is refused.
+    embeddings: Optional[str] = "embeddings"
+    embedding_size_field: str = "hidden_size"
+
+    def embedding_size(self, config) -> int:
+        return getattr(config, self.embedding_size_field)
 
     def ffn_size(self, config) -> int:
         return getattr(config, self.ffn_size_field)
@@ -57,17 +68,19 @@ class ModelDescription:
 
     @cached_property
     def adapter_key(self) -> re.Pattern:
-        """AdapterHub's state-dict key of an adapter or fusion weight, whatever prefix the saving model class put
-        before it: group 1 is the key from the layers path on."""
+        """AdapterHub's state-dict key of an adapter, fusion or invertible adapter weight, whatever prefix the saving
+        model class put before it: group 1 is the key from the layers path (or `invertible_adapters`) on."""
         sites = "|".join(re.escape(p) for p in (self.attention_output, self.ffn_output))
-        return re.compile(rf"^(?:.*\.)?({re.escape(self.layers)}\.\d+\.(?:{sites})\.(?:adapters|adapter_fusion_layer)\..+)$")
+        return re.compile(rf"^(?:.*\.)?({re.escape(self.layers)}\.\d+\.(?:{sites})\.(?:adapters|adapter_fusion_layer)\..+"
+                          rf"|{INVERTIBLE}\.[^.]+\..+)$")
 
 
 DESCRIPTIONS = {d.model_type: d for d in (
     ModelDescription("bert", "BertAdapterModel"),
     ModelDescription("roberta", "RobertaAdapterModel", position_offset=True, token_types=False),
     ModelDescription("xlm-roberta", "XLMRobertaAdapterModel", position_offset=True, token_types=False),
-    ModelDescription("electra", "ElectraAdapterModel", pooler=False),  # its embedding projection stays transformers'
+    # its embedding projection stays transformers'; invertible adapters run before it, embedding_size wide
+    ModelDescription("electra", "ElectraAdapterModel", pooler=False, embedding_size_field="embedding_size"),
     # AdapterHub's TransformerBlockWithAdapters: attention_adapters(out_lin output, block input, sa_layer_norm),
     # output_adapters(lin2 output, attention site output, output_layer_norm); no token types, no pooler
     ModelDescription(

@@ -23,7 +23,7 @@ from .architecture import (
     manifest_from_adapterhub, resolve_setup,
 )
 from .config import BottleneckConfig, FusionConfig
-from .descriptions import describe
+from .descriptions import INVERTIBLE, describe
 from .manifest import validate_manifest
 
 MANIFEST_FILE = "compress_manifest.json"
@@ -244,7 +244,8 @@ def _load_extra(model: nn.Module, weights: dict) -> None:
     own = model.state_dict()
     d = describe(model.base_model.config)
     prefix = next((k.split(d.layers + ".")[0] for k in own if d.layers + "." in k), "")
-    wanted = {k for k in own if ".adapters." in k or ".adapter_fusion_layer." in k or k.startswith("heads.")}
+    wanted = {k for k in own if ".adapters." in k or ".adapter_fusion_layer." in k or k.startswith("heads.")
+              or k.startswith(f"{prefix}{INVERTIBLE}.")}
     mapped = {}
     for key, value in weights.items():
         m = d.adapter_key.match(key)

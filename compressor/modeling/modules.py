@@ -164,17 +164,18 @@ class Bottleneck(nn.Module, Maskable):
         up = linear(self.bottleneck(x), self.adapter_up)
         return up * self.scaling if not (isinstance(self.scaling, float) and self.scaling == 1.0) else up
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor):
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor]):
+        """`residual` None: a parallel adapter (AdapterHub's ParallelAdapter.forward), which adds none."""
         up = self.up(x)
         out = up
         if hasattr(self, "gate"):
             gate = torch.sigmoid(self.gate(x)).mean(dim=1).unsqueeze(-1)
             out = out * gate
-        if self.adapter_residual_before_ln:
+        if residual is not None and self.adapter_residual_before_ln:
             out = out + residual
         if hasattr(self, "adapter_norm_after"):
             out = self.adapter_norm_after(out)
-        if not self.adapter_residual_before_ln:
+        if residual is not None and not self.adapter_residual_before_ln:
             out = out + residual
         return out, up
 
@@ -322,13 +323,14 @@ class Fusion(nn.Module, Maskable):
 
 
 class AdapterSite(nn.Module):
-    """Replaces BertSelfOutput / BertOutput: dense + dropout, then the active adapter setup wired as
-    AdapterHub's BottleneckLayer wires it (pre_forward of the lead adapter, the adapter or fusion,
-    post_forward), then the layer norm.
+    """Replaces BertSelfOutput / BertOutput: dense + dropout, then the active composition wired as AdapterHub's
+    BottleneckLayer wires it (compositions.py: each child after its lead adapter's pre_forward, then the last
+    adapter's post_forward), then the layer norm.
 
-    `placement` holds the lead adapter's original_ln_before / original_ln_after / residual_before_ln: the
-    first adapter of a single setup, the last adapter of a fusion (AdapterHub's compose_fuse).
-    `active` is None (plain transformer sub-layer), ("single", name) or ("fuse", fusion name, [adapter names]).
+    `active` is None (plain transformer sub-layer) or a Composition (Single, Fuse, Stack; the manifest's JSON
+    form is accepted too). `placements[i]` holds the original_ln_before / original_ln_after /
+    residual_before_ln of child i's lead adapter (a Single's adapter, a Fuse's last adapter: AdapterHub's
+    compose_fuse); `placement` is the last child's (post_forward).
     """
 
     def __init__(self, dense: nn.Linear, layer_norm: nn.LayerNorm, dropout: nn.Module, location: str):
@@ -340,41 +342,32 @@ class AdapterSite(nn.Module):
         self.adapters = nn.ModuleDict()
         self.adapter_fusion_layer = nn.ModuleDict()
         self.active = None
-        self.placement: dict = {}
+        self.placements: list = []
+
+    @property
+    def active(self):
+        return self.__dict__["_active"]
+
+    @active.setter
+    def active(self, value) -> None:
+        from .compositions import from_json
+        self.__dict__["_active"] = from_json(value)
+
+    @property
+    def placement(self) -> dict:
+        return self.placements[-1] if self.placements else {}
+
+    @placement.setter
+    def placement(self, value: dict) -> None:
+        """One placement for every child (a Single or Fuse site, as manifests before Stack had it)."""
+        n = len(self.active.children) if self.active is not None else 1
+        self.placements = [dict(value) for _ in range(n)] if value else []
 
     def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         h = self.dropout(linear(hidden_states, self.dense))
         if self.active is None:
             return self.LayerNorm(h + input_tensor)
-        fuse = self.active[0] == "fuse"
-        fusion = self.adapter_fusion_layer[self.active[1]] if fuse else None
-        # AdapterHub's Adapter.pre_forward
-        p = self.placement
-        query = None
-        residual = h if p["residual_before_ln"] is True else None
-        if fuse and fusion.query_before_ln:
-            query = h
-        if p["original_ln_before"]:
-            h = h + input_tensor
-            if p["residual_before_ln"] == "post_add":
-                residual = h
-            h = self.LayerNorm(h)
-        if p["residual_before_ln"] is False:
-            residual = h
-        if fuse and not fusion.query_before_ln:
-            query = h
-        if fuse:
-            fused = [self.adapters[n] for n in self.active[2]]
-            if fusion.bottleneck_space:
-                out = fusion(query, [a.bottleneck(h) for a in fused], residual, up_layers=[a.adapter_up for a in fused])
-            else:
-                out = fusion(query, [a.up(h) for a in fused], residual)
-        else:
-            out, _ = self.adapters[self.active[1]](h, residual)
-        # AdapterHub's Adapter.post_forward
-        if p["original_ln_after"]:
-            out = self.LayerNorm(out + input_tensor)
-        return out
+        return self.active.forward(self, h, input_tensor, self.placements)
 
 
 class DistilBertLayer(nn.Module):

@@ -349,9 +349,11 @@ class LatencyCosts:
                 if site.active is None:
                     continue
                 spath = paths[id(site)]
-                names = list(site.active[2]) if site.active[0] == "fuse" else [site.active[1]]
-                fkey = unit_key_of(f"{spath}.adapter_fusion_layer.{site.active[1]}", "adapters") \
-                    if site.active[0] == "fuse" else None
+                # the fused adapters first (index i of the fusion unit is member i), then the stacked ones
+                fuses = site.active.fuses()
+                fused = list(fuses[0].names) if fuses else []
+                names = fused + [n for n in site.active.adapters() if n not in fused]
+                fkey = unit_key_of(f"{spath}.adapter_fusion_layer.{fuses[0].name}", "adapters") if fuses else None
                 members = [(n, unit_key_of(f"{spath}.adapters.{n}", "bottleneck"), site.adapters[n].width)
                            for n in names]
                 info = (li, sname, fkey, members)
@@ -363,7 +365,8 @@ class LatencyCosts:
     def _site(self, info, keep):
         """Kept adapters (indices) and the site's kept width."""
         li, sname, fkey, members = info
-        alive = [j for j in range(len(members)) if fkey is None or fkey not in keep or bool(keep[fkey][j])]
+        alive = [j for j in range(len(members))
+                 if fkey is None or fkey not in keep or j >= len(keep[fkey]) or bool(keep[fkey][j])]
         widths = [int(keep[b].sum()) if b in keep else w for _, b, w in members]
         return alive, widths
 
@@ -489,9 +492,9 @@ def _tunable_blocks(parts, paths: dict) -> list:
     for _, site in parts.sites:
         if site.active is None:
             continue
-        if site.active[0] == "fuse" and getattr(site.adapter_fusion_layer[site.active[1]], "bottleneck_space", False):
-            continue
-        for n in (list(site.active[2]) if site.active[0] == "fuse" else [site.active[1]]):
+        in_space = {n for f in site.active.fuses()
+                    if getattr(site.adapter_fusion_layer[f.name], "bottleneck_space", False) for n in f.names}
+        for n in (n for n in site.active.adapters() if n not in in_space):
             adapter = site.adapters[n]
             if adapter.width > 0:
                 out.append((unit_key_of(paths[id(adapter)], "bottleneck"), "bottleneck", adapter.adapter_up,

@@ -18,8 +18,8 @@ def _active_modules(model: nn.Module, what: str):
         if isinstance(module, AdapterSite) and module.active is not None:
             if what == "adapters":
                 yield from (module.adapters[n] for n in active_adapter_names(module))
-            elif what == "fusion" and module.active[0] == "fuse":
-                yield module.adapter_fusion_layer[module.active[1]]
+            elif what == "fusion":
+                yield from (module.adapter_fusion_layer[f.name] for f in module.active.fuses())
 
 
 def select_trainable(model: nn.Module, what) -> list:
