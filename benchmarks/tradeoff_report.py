@@ -127,14 +127,22 @@ def _kept(p) -> str:
                       if k in c) or "-"
 
 
+def load_average(value) -> str:
+    """The 1 / 5 / 15 minute load averages as "0.52 / 0.61 / 0.70" (the record keeps os.getloadavg()'s floats)."""
+    if isinstance(value, (list, tuple)) and value:
+        return " / ".join(f"{float(v):.2f}" for v in value)
+    return "?" if value is None else str(value)
+
+
 def write_report(record: dict, out: Path) -> None:
     points, args, machine, run = record["points"], record["args"], record.get("machine") or {}, record.get("run", {})
     lines = ["# Accuracy against ONNX CPU latency on the SST-2 defaults (issue 15)", "",
-             "Commands, in order: " + ", then ".join(f"`{c}`" for c in record["commands"]) + ".", "",
+             "Commands, in order:", "", "```bash", *record["commands"], "```", "",
              f"Machine: {machine.get('processor')}, {args.get('threads')} threads for onnxruntime and torch, "
              f"onnxruntime {machine.get('onnxruntime')}, shared with other runs (load average at timing: "
-             f"{machine.get('load_average', '?')}). " + (f"Points computed in {run['compute_s']} s (training, pruning, "
-             "exports, scoring; nice 19 on 2 shared cores). " if run.get("compute_s") else "")
+             f"{load_average(machine.get('load_average'))}). "
+             + (f"Points computed in {run['compute_s']} s (training, pruning, exports, scoring; nice 19 on 2 shared "
+                "cores). " if run.get("compute_s") else "")
              + f"Timing {run.get('bench_s', '?')} s. Latency "
              "table of the post-training search: "
              + (", ".join(f"{k}: {v}" for k, v in (run.get("latency_tables") or {}).items()) or "-") + ".", "",

@@ -223,11 +223,12 @@ def method_options(method: str, flags: dict, raw=()) -> dict:
 def inspect(req: InspectRequest, progress: Progress = None) -> InspectResult:
     """`compress inspect`: layers, heads, FFN widths, adapters, fusions, parameters and FLOPs per token."""
     from .flops import layer_costs, total_cost
+    from .modeling.invertible import summary
 
     model, _ = _load(req, progress)
     return InspectResult(model_class=type(model).__name__, setup=model.compress_manifest.get("setup"),
                          seq_len=req.seq_len, layers=layer_costs(model, req.seq_len),
-                         total=total_cost(model, req.seq_len))
+                         total=total_cost(model, req.seq_len), invertible=summary(model))
 
 
 # ----------------------------------------------------------------------------------------------- prune
@@ -1010,16 +1011,15 @@ def bench(req: BenchRequest, progress: Progress = None) -> BenchResult:
 
 
 def demo(req: DemoRequest, progress: Progress = None) -> DemoResult:
-    """`compress demo`: the whole toolkit on the embedded default (compressor.demo.run_demo); `progress` gets
-    each stage's description."""
+    """`compress demo`: the best point reachable in minutes on the SST-2 fusion default (compressor.demo.run_demo);
+    `progress` gets each stage's description."""
     from .demo import DemoConfig, prepare_out, run_demo
 
     if req.threads is not None and req.threads < 1:
         from exporters.bench import BenchConfigError
         raise BenchConfigError(f"--threads must be >= 1, got {req.threads}; leave it out to use every core")
-    config = DemoConfig(data_dir=str(req.data_dir) if req.data_dir else None, adapters=req.adapters,
-                        heads=req.heads, neurons=req.neurons, rounds=req.rounds, steps=req.steps,
-                        min_time_s=req.min_time, threads=req.threads, seed=req.seed)
+    config = DemoConfig(data_dir=str(req.data_dir) if req.data_dir else None, target_speedup=req.target_speedup,
+                        latency=req.latency, min_time_s=req.min_time, threads=req.threads, seed=req.seed)
     out = Path(req.out)
     prepare_out(out, req.overwrite)
     record = run_demo(out, config, overwrite=True, say=_say(progress))

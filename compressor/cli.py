@@ -37,8 +37,9 @@ MODEL_ARG = typer.Argument(None, help="Model directory: transformers encoder, Ad
                                       "directory. Default: the embedded MiniLM + 8-adapter fusion.")
 ADAPTER_OPT = typer.Option(None, "--adapter", help="AdapterHub adapter directory to add (repeatable).")
 FUSION_OPT = typer.Option(None, "--fusion", help="AdapterHub fusion directory.")
-SETUP_OPT = typer.Option(None, "--setup", help="Adapter or fusion to run, e.g. 'a' or 'a,b,c'. Default: the only "
-                                               "fusion, else the only adapter.")
+SETUP_OPT = typer.Option(None, "--setup", help="Adapter, fusion or Stack to run, e.g. 'a', 'a,b,c', "
+                                               "'Stack(lang,task)' or 'Stack(lang,Fuse(a,b))'. Default: the "
+                                               "only fusion, else the only adapter.")
 HEAD_OPT = typer.Option(None, "--head", help="AdapterHub prediction head to use. Default: the only one.")
 TOKENIZER_OPT = typer.Option(None, "--tokenizer", metavar="NAME_OR_DIR", help="Tokenizer directory or hub name, "
                              "for a model saved without tokenizer files. It is written with the outputs.")
@@ -281,6 +282,13 @@ def inspect(
         shares = ", ".join(f"{k.split('_')[0]} {100 * total[k] / flops:.0f}%"
                            for k in ("attention_flops", "ffn_flops", "adapter_flops", "fusion_flops"))
         console.print(f"{_fmt(flops)} FLOPs per token in the encoder layers ({shares}); {_fmt(total['params'])} parameters.")
+        inv = r.invertible
+        if inv:  # MAD-X: on the embeddings, outside the layers; kept whole (not a pruning unit)
+            console.print(f"invertible adapter on the embeddings: {inv['active']} ({inv['block']}, widths "
+                          f"{'/'.join(map(str, inv['widths']))}, {_fmt(inv['params'])} parameters, "
+                          f"{_fmt(inv['flops_per_token'])} FLOPs per token); held by: {', '.join(inv['held'])}"
+                          if inv["active"] else f"invertible adapters held by {', '.join(inv['held'])}: none runs "
+                          "under this setup (its first adapter has none)")
 
 
 # ----------------------------------------------------------------------------------------------- prune
@@ -857,31 +865,29 @@ def demo(
     out: Path = typer.Option(Path("compress-demo"), "--out", help="Directory for everything the demo writes "
                              "(masks, exports, bench report, demo.md, demo.json). A previous demo's is replaced."),
     overwrite: bool = typer.Option(False, help="Replace --out when it is another output of compress."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="GLUE directory holding MRPC/. Default: "
-                                            "$COMPRESSOR_GLUE_DIR, ../shared/data/glue, else the MRPC rows "
-                                            "packaged with compressor (never the hub)."),
-    adapters: float = typer.Option(0.75, help="Share of each layer's fused adapters to prune (lottery-fusion)."),
-    heads: float = typer.Option(0.25, help="Share of each layer's attention heads to prune (importance)."),
-    neurons: float = typer.Option(0.25, help="Share of each layer's FFN neurons to prune (importance)."),
-    rounds: int = typer.Option(2, min=1, help="lottery-fusion rounds."),
-    steps: int = typer.Option(20, min=0, help="Fusion training steps per lottery stage (dense, then each round)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="GLUE directory holding SST-2/. Default: "
+                                            "the SST-2 rows packaged with compressor (never the hub)."),
+    target_speedup: float = typer.Option(1.5, "--target-speedup", help="post-training's predicted speedup "
+                                         "(cpu 1x128); 1.5 is the study's best point."),
+    latency: str = typer.Option("table", "--latency", help="table: the cached latency model, built when "
+                                "missing; flops: prune to 1/target of the FLOPs."),
     min_time: float = typer.Option(2.0, "--min-time", help="Seconds each latency measurement runs at least."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="onnxruntime intra-op threads (>= 1). "
                                           "Default: all cores."),
     seed: int = typer.Option(0, help="Seed of the training order, the scores and the parity inputs."),
 ):
-    """Show the whole toolkit on the embedded default in a few minutes: prune, compact, export, verify, evaluate,
-    benchmark.
+    """Show the best accuracy / speed point the toolkit reaches in minutes: prune, compact, export, quantize,
+    evaluate, benchmark.
 
-    The default is all-MiniLM-L6-v2 with eight adapters trained on GLUE tasks and an AdapterFusion over them
-    trained on MRPC. The demo prunes fused adapters with lottery-fusion (a small training budget), heads and
-    FFN neurons by Taylor importance, exports the unpruned and the pruned model to ONNX (parity-verified, the
-    pruned one also as int8), scores them on the MRPC dev set with onnxruntime, times them at batch 1 and 8 on
-    the CPU, and prints one table. Example: compress demo && cat compress-demo/demo.md
+    The model is all-MiniLM-L6-v2 with eight adapters trained on GLUE tasks and an AdapterFusion over them
+    trained on SST-2. The demo prunes it post-training to a predicted 1.5x (no retraining), exports the dense
+    and the pruned model to ONNX (parity-verified) and int8, scores dense, int8 alone and pruned + int8 on
+    SST-2's 872 dev rows paired against dense (95% CI), times them at batch 1 and 8 on the CPU, and prints one
+    table. Example: compress demo && cat compress-demo/demo.md
     """
     with user_errors():
         from . import api
-        from .demo import DEMO_STAGES, speedup_cell
+        from .demo import DEMO_STAGES, difference_cell, speedup_cell
         from .requests import DemoRequest
 
         n = [0]
@@ -890,22 +896,21 @@ def demo(
             n[0] += 1
             err_console.print(f"[bold]\\[{n[0]}/{DEMO_STAGES}][/] {escape(text)}", highlight=False)
 
-        r = api.demo(DemoRequest(out=out, overwrite=overwrite, data_dir=data_dir, adapters=adapters, heads=heads,
-                                 neurons=neurons, rounds=rounds, steps=steps, min_time=min_time, threads=threads,
-                                 seed=seed), say)
+        r = api.demo(DemoRequest(out=out, overwrite=overwrite, data_dir=data_dir, target_speedup=target_speedup,
+                                 latency=latency, min_time=min_time, threads=threads, seed=seed), say)
         record, config = r.record, r.config
         metric = record["main_metric"]
-        table = Table(title=f"{record['task']} dev ({record['dev_examples']} examples); ONNX size; onnxruntime CPU "
-                            f"p50 latency at batch b x {config.seq_len} tokens ({record['machine']['threads']} "
-                            "threads) and speedup over the unpruned model (median over the interleaved timing "
-                            "rounds; below it the interquartile range)")
+        table = Table(title=f"{record['task']} dev ({record['dev_examples']} rows): accuracy, paired difference "
+                            "to dense in points [95% CI], agreement with dense; onnxruntime CPU p50 at batch b x "
+                            f"{config.seq_len} tokens ({record['machine']['threads']} threads) and speedup over "
+                            "dense (median over the interleaved timing rounds; below it the interquartile range)")
         batches = config.batch_sizes
-        for col in ["model", metric[:8], "params", "MB"] + [f"b{b} ms" for b in batches] + \
+        for col in ["graph", metric[:8], "vs dense", "agree", "MB"] + [f"b{b} ms" for b in batches] + \
                 [f"b{b} gain" for b in batches]:
-            table.add_column(col, justify="left" if col == "model" else "right")
+            table.add_column(col, justify="left" if col == "graph" else "right")
         for row in record["rows"]:
-            table.add_row(row["name"], f"{row['metrics'][metric]:.4f}", _fmt(row["parameters"]),
-                          f"{row['onnx_bytes'] / 2**20:.1f}",
+            table.add_row(row["name"], f"{row['metrics'][metric]:.4f}", difference_cell(row).replace(" [", "\n["),
+                          f"{row['difference'].get('agreement', 1):.3f}", f"{row['onnx_bytes'] / 2**20:.1f}",
                           *[f"{row['p50_ms'][b]:.1f}" if b in row["p50_ms"] else "failed" for b in batches],
                           *[speedup_cell(row, b, sep="\n") for b in batches])
         console.print(table)
@@ -916,9 +921,10 @@ def demo(
         if record.get("unsteady"):
             console.print("note: " + escape("; ".join(record["unsteady"])), highlight=False)
         console.print("kept: " + ", ".join(f"{k} {v['kept']}/{v['total']}" for k, v in record["masks"].items())
-                      + f"; {record['seconds']:.0f} s in all", highlight=False)
-        console.print(f"wrote {out}/demo.md, {out}/demo.json, {out}/masks, {out}/onnx-unpruned, {out}/onnx-pruned "
-                      f"(export.md, parity.json) and {out}/bench (report.md, latency.png)", highlight=False)
+                      + f"; {escape(record['latency']['note'])}; {record['seconds']:.0f} s in all", highlight=False)
+        console.print(f"wrote {out}/demo.md, {out}/demo.json, {out}/masks, {out}/onnx-dense, {out}/onnx-pruned "
+                      f"(model.onnx, model.int8.onnx, export.md, parity.json) and {out}/bench (report.md, "
+                      "latency.png)", highlight=False)
 
 
 if __name__ == "__main__":

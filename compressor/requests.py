@@ -76,6 +76,7 @@ class InspectResult:
     seq_len: int
     layers: List[dict]  # flops.layer_costs: one dict per layer
     total: dict  # flops.total_cost
+    invertible: Optional[dict] = None  # modeling.invertible.summary: the embeddings' invertible adapter
 
 
 # ----------------------------------------------------------------------------------------------- prune
@@ -282,11 +283,8 @@ class DemoRequest:
     out: PathLike = Path("compress-demo")
     overwrite: bool = False
     data_dir: Optional[PathLike] = None
-    adapters: float = 0.75
-    heads: float = 0.25
-    neurons: float = 0.25
-    rounds: int = 2
-    steps: int = 20
+    target_speedup: float = 1.5
+    latency: str = "table"  # table | flops (compressor.demo.DemoConfig)
     min_time: float = 2.0
     threads: Optional[int] = None
     seed: int = 0

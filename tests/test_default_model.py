@@ -146,20 +146,25 @@ def test_default_model_prunes(default_model):
 
 # ------------------------------------------------------------------------------------------------------- the demo
 
-def test_packaged_demo_data_is_mrpc_dev_and_the_demo_draw(tmp_path):
+def test_packaged_demo_data_is_the_dev_sets_and_the_draws(tmp_path):
+    """SST-2: all dev rows and the 256 train rows post-training's seed-0 draw reads; MRPC: the static int8
+    calibration sample (an earlier demo's 320 rows). Equal to the documented rebuild when GLUE is at hand."""
     from compressor.data import load_data
-    from compressor.demo import DEMO_DATA, demo_train_rows, write_packaged_data
+    from compressor.demo import DEMO_DATA, PACKAGED_DRAWS, DemoConfig, demo_train_rows, write_packaged_data
 
-    packaged = load_data(str(DEMO_DATA / "MRPC"))
-    assert (len(packaged.train), len(packaged.dev)) == (320, 408) and packaged.spec.name == "mrpc"
-    assert sum(f.stat().st_size for f in (DEMO_DATA / "MRPC").iterdir()) < 256 * 1024
-    assert len(demo_train_rows(3667)) == 320  # the demo's default budget reads 320 distinct train rows
-    if (GLUE / "MRPC").is_dir():  # the shipped rows are what the documented rebuild writes
+    sst2, mrpc = load_data("glue:sst2", data_dir=DEMO_DATA), load_data(str(DEMO_DATA / "MRPC"))
+    assert (len(sst2.train), len(sst2.dev)) == (256, 872) and sst2.spec.name == "sst2"
+    assert (len(mrpc.train), len(mrpc.dev)) == (320, 408) and mrpc.spec.name == "mrpc"
+    assert sum(f.stat().st_size for f in DEMO_DATA.glob("*/*.tsv")) < 320 * 1024
+    # the demo's sample is the whole packaged draw: post-training reads exactly these rows
+    assert PACKAGED_DRAWS["SST-2"] * DemoConfig().batch_size == DemoConfig().examples == 256
+    assert len(demo_train_rows(67349)) == 256 and len(demo_train_rows(3667, PACKAGED_DRAWS["MRPC"])) == 320
+    if (GLUE / "SST-2").is_dir() and (GLUE / "MRPC").is_dir():  # the shipped rows are what the rebuild writes
         write_packaged_data(GLUE, tmp_path)
-        for name in ("train.tsv", "dev.tsv"):
-            assert (DEMO_DATA / "MRPC" / name).read_bytes() == (tmp_path / "MRPC" / name).read_bytes(), name
-        full = load_data("glue:mrpc", data_dir=GLUE)
-        assert packaged.dev == full.dev and packaged.train == [full.train[i] for i in demo_train_rows(3667)]
+        for name in ("SST-2/train.tsv", "SST-2/dev.tsv", "MRPC/train.tsv", "MRPC/dev.tsv"):
+            assert (DEMO_DATA / name).read_bytes() == (tmp_path / name).read_bytes(), name
+        full = load_data("glue:sst2", data_dir=GLUE)
+        assert sst2.dev == full.dev and sst2.train == [full.train[i] for i in demo_train_rows(len(full.train))]
 
 
 def test_demo_output_rules(tmp_path, monkeypatch):
@@ -185,43 +190,59 @@ def test_demo_output_rules(tmp_path, monkeypatch):
     assert (tmp_path / "mine" / DEMO_RECORD).is_file() and (tmp_path / "file").is_file()
 
 
+def test_demo_options_are_checked_before_any_work():
+    from compressor.demo import DemoConfig
+    from compressor.errors import PruningConfigError
+
+    with pytest.raises(PruningConfigError, match="choose table or flops"):
+        DemoConfig(latency="fisher")
+    with pytest.raises(PruningConfigError, match="must be > 1"):
+        DemoConfig(target_speedup=1.0)
+
+
 def test_demo_runs_end_to_end_on_the_default(default_env, tmp_path, monkeypatch):
-    """Offline on a fresh clone: no --data-dir, no $COMPRESSOR_GLUE_DIR, no ../shared beside the working
-    directory, the hub off; the demo reads the MRPC rows packaged with compressor and never asks the hub."""
+    """Offline on a fresh clone: no --data-dir, the hub off; the demo reads the SST-2 rows packaged with compressor
+    (never $COMPRESSOR_GLUE_DIR), prunes post-training (to FLOPs here: no latency table built in a test), and
+    pairs every graph against dense."""
     from compressor.data import readers
     from compressor.demo import DEMO_STAGES, DemoConfig, run_demo
 
-    monkeypatch.delenv("COMPRESSOR_GLUE_DIR", raising=False)
+    monkeypatch.setenv("COMPRESSOR_GLUE_DIR", str(tmp_path / "nowhere"))  # not read: packaged rows only
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (tmp_path / "cwd").mkdir()
-    monkeypatch.chdir(tmp_path / "cwd")  # no ../shared/data/glue from here
+    monkeypatch.chdir(tmp_path / "cwd")
     monkeypatch.setattr(readers, "_load_online", lambda *a: pytest.fail("the demo asked the hub"))
-    config = DemoConfig(steps=2, rounds=1, max_drop=1.0, examples=16, batch_sizes=[1, 2],
-                        seq_len=32, min_time_s=0.05, dev_examples=48, recovery_steps=2)
+    config = DemoConfig(latency="flops", target_speedup=2.0, examples=16, batch_sizes=[1, 2], seq_len=32,
+                        min_time_s=0.05, dev_examples=96)
     said = []
     record = run_demo(tmp_path / "demo", config, say=said.append)
     out = tmp_path / "demo"
-    assert len(said) == DEMO_STAGES == 8
-    assert record["data"]["packaged"] and record["data"]["train_rows"] == 320 and record["data"]["dev_rows"] == 408
-    assert record["dev_examples"] == 48 and "320 train and 408 dev rows packaged" in said[1]
-    assert [r["name"] for r in record["rows"]] == ["unpruned", "pruned", "pruned int8"]
-    assert record["masks"]["adapters"] == {"kept": 12, "total": 48}
-    assert record["masks"]["heads"] == {"kept": 54, "total": 72}
-    unpruned, pruned, int8 = record["rows"]
-    assert pruned["parameters"] < unpruned["parameters"] and int8["onnx_bytes"] < pruned["onnx_bytes"]
+    assert len(said) == DEMO_STAGES
+    assert record["data"]["packaged"] and record["data"]["train_rows"] == 256 and record["data"]["dev_rows"] == 872
+    assert record["dev_examples"] == 96 and record["task"] == "glue:sst2"
+    assert record["latency"]["source"] == "flops" and "no latency table" in record["latency"]["note"]
+    pt = record["post_training"]
+    assert pt["target"] == "target_flops" and pt["target_met"] and pt["flops_fraction"] <= 0.5 + 1e-6
+    assert [r["name"] for r in record["rows"]] == ["dense fp32", "int8 alone", "pruned + int8"]
+    dense, int8, pruned = record["rows"]
+    assert dense["difference"]["points"] == 0 and dense["difference"]["agreement"] == 1.0
+    for r in (int8, pruned):  # the paired difference is the accuracy difference, inside its own interval
+        d = r["difference"]
+        assert d["points"] == pytest.approx(100 * (r["metrics"]["accuracy"] - dense["metrics"]["accuracy"]))
+        assert d["low"] <= d["points"] <= d["high"] and 0.0 <= d["agreement"] <= 1.0
+    assert int8["onnx_bytes"] < dense["onnx_bytes"] / 2  # int8 weights (its parameters add scales and zero points)
+    assert pruned["parameters"] < dense["parameters"] and pruned["onnx_bytes"] < int8["onnx_bytes"]
     for r in record["rows"]:
         assert set(r["p50_ms"]) == {1, 2} and all(v > 0 for v in r["p50_ms"].values())
-        assert 0.0 <= r["metrics"]["accuracy"] <= 1.0
-    for name in ("unpruned", "pruned"):
+    for name in ("dense", "pruned"):
         parity = record["parity"][name]
-        assert parity["passed"]
-        fp32 = {k: v for k, v in parity["max_abs_diff"].items() if "int8" not in k}
-        assert fp32 and max(fp32.values()) <= 1e-4, fp32
-    saved = json.loads((out / "demo.json").read_text())
-    assert saved["rows"][0]["name"] == "unpruned" and "| unpruned |" in (out / "demo.md").read_text()
-    assert "Data: 320 train and 408 dev rows packaged with compressor" in (out / "demo.md").read_text()
-    for path in ("masks/masks.json", "masks/model", "onnx-unpruned/model.onnx", "onnx-pruned/model.int8.onnx",
-                 "bench/report.md"):
+        assert parity["passed"] and max(parity["max_abs_diff"].values()) <= 1e-4
+    md = (out / "demo.md").read_text()
+    assert f"| pruned + int8 | {pruned['metrics']['accuracy']:.4f} | {pruned['difference']['points']:+.2f} [" in md
+    assert "Data: 256 train and 872 dev rows packaged with compressor" in md and "no latency table" in md
+    assert json.loads((out / "demo.json").read_text())["rows"][0]["name"] == "dense fp32"
+    for path in ("masks/masks.json", "masks/model", "onnx-dense/model.onnx", "onnx-dense/model.int8.onnx",
+                 "onnx-pruned/model.int8.onnx", "bench/report.md"):
         assert (out / path).exists(), path
     # a second demo would replace the first (test_demo_output_rules has the rest)
     from compressor.demo import prepare_out

@@ -55,3 +55,15 @@ def test_report_renders(tmp_path):
     tr.write_report(record, tmp_path)
     text = (tmp_path / "tradeoff.md").read_text()
     assert "**single**: met" in text and (tmp_path / "tradeoff.png").stat().st_size > 0
+
+
+def test_report_formats_the_load_and_lists_the_commands(tmp_path):
+    commands = ["python benchmarks/tradeoff.py   # first", "python benchmarks/tradeoff.py --models single"]
+    record = dict(points=POINTS, commands=commands, machine=dict(load_average=[2.11328125, 1.75048828125, 2.4]),
+                  run={}, args=dict(threads="2", fidelity_examples="1000", examples="512", kd_steps="200"))
+    tr.write_report(record, tmp_path)
+    lines = (tmp_path / "tradeoff.md").read_text().splitlines()
+    start = lines.index("```bash")
+    assert lines[start + 1:start + 4] == [*commands, "```"]  # one command per line, in a code block
+    assert "(load average at timing: 2.11 / 1.75 / 2.40)" in "\n".join(lines)
+    assert tr.load_average(None) == "?"
