@@ -127,6 +127,18 @@ def _kept(p) -> str:
                       if k in c) or "-"
 
 
+def _used(points: list, key: str, default) -> str:
+    """The value of notes[key] the points were computed with ("256"), or each value with its points when runs
+    differed ("150 (fusion-pt-2.5-kd) / 300 (single-pt-1.7-kd, ...)"); `default` when no point records it."""
+    seen: dict = {}
+    for p in points:
+        if (p.get("notes") or {}).get(key) is not None:
+            seen.setdefault(p["notes"][key], []).append(p["name"])
+    if len(seen) <= 1:
+        return str(next(iter(seen), default))
+    return " / ".join(f"{v} ({', '.join(n for n in names if not n.endswith('-int8'))})" for v, names in seen.items())
+
+
 def load_average(value) -> str:
     """The 1 / 5 / 15 minute load averages as "0.52 / 0.61 / 0.70" (the record keeps os.getloadavg()'s floats)."""
     if isinstance(value, (list, tuple)) and value:
@@ -154,10 +166,10 @@ def write_report(record: dict, out: Path) -> None:
              "interleaved in one run (`exporters/bench.py`), dense first. int8: dynamic (per-tensor or per-channel) "
              "or static QDQ per-tensor (calibrated on 128 training rows), exporters/quantization.py; pruned graphs "
              "use dynamic per-channel. Post-training: Fisher mask search + mask tuning on "
-             f"{args.get('examples')} training rows, to a predicted speedup on cpu 1x128 (`speedup=x`: the cached "
+             f"{_used(points, 'examples', args.get('examples'))} training rows, to a predicted speedup on cpu 1x128 (`speedup=x`: the cached "
              "latency model), or to the FLOPs fraction 1/x (`flops=`) for a model whose architecture has no cached "
              "latency table on this machine (one built under this run's load would be wrong); "
-             f"KD: {args.get('kd_steps')} steps of `--recover kd` (KDConfig defaults; adapters, fusion and head "
+             f"KD: {_used(points, 'kd_steps', args.get('kd_steps'))} steps of `--recover kd` (KDConfig defaults; adapters, fusion and head "
              "train), batch 16, lr 1e-3.", ""]
     lines += ["## Goal: >= 2.5x lower p50 than dense fp32 at batch 1 and 8, paired difference >= -1.0 point", ""]
     for model, title in MODELS.items():

@@ -403,7 +403,12 @@ UNSUPPORTED_CASES: List[Case] = [
     _single("unsupported_phm_layer", _c("seq_bn", phm_layer=True, reduction_factor=4), unsupported="phm_layer"),
     _fuse("unsupported_par_bn_fusion", [("a", "par_bn"), ("b", "par_bn")], unsupported="is_parallel"),
     _single("unsupported_seq_bn_inv_glow", _c("seq_bn_inv", inv_adapter="glow"), unsupported="glow"),
-    _single("unsupported_lora", "lora", unsupported="lora"),
+    _single("unsupported_lora", "lora", unsupported="LoRA"),
+    _single("unsupported_ia3", "ia3", unsupported="IA3"),
+    _single("unsupported_compacter", _c("compacter", reduction_factor=4), unsupported="Compacter"),
+    _single("unsupported_prefix_tuning", "prefix_tuning", unsupported="prefix tuning"),
+    _single("unsupported_loreft", "loreft", unsupported="ReFT"),
+    _single("unsupported_mam", "mam", unsupported="MAM / UniPELT"),
 ]
 
 CASES_BY_ID: Dict[str, Case] = {c.id: c for c in CASES + UNSUPPORTED_CASES}

@@ -40,6 +40,32 @@ _FUSION_STATIC = dict(key=True, query=True, value=False, query_before_ln=False, 
 _FUSION_DYNAMIC = dict(_FUSION_STATIC, value=True)
 NAMED_FUSION_CONFIGS = {"static": _FUSION_STATIC, "dynamic": _FUSION_DYNAMIC}
 
+# The other methods AdapterHub saves (adapter_config.json "architecture", and what tells its variants apart):
+# named in their refusal, with what a user can do instead.
+_CONVERT = "train or convert it as a bottleneck adapter (seq_bn, double_seq_bn, par_bn, seq_bn_inv)"
+_MERGE = ("merge it into the base weights with AdapterHub's model.merge_adapter(name), save the model without "
+          "adapters, and compress that")
+_METHOD_ADVICE = {"LoRA": _MERGE, "IA3": _MERGE, "VeRA": _MERGE, "DoRA": _MERGE}
+
+
+def unsupported_method(raw: Mapping) -> Optional[str]:
+    """The name of the (non-bottleneck) method an AdapterHub adapter config describes, None for a bottleneck."""
+    arch = raw.get("architecture")
+    if arch == "lora":
+        init = str(raw.get("init_weights", "lora")).lower()
+        return {"ia3": "IA3", "vera": "VeRA"}.get(init, "DoRA" if raw.get("use_dora") else
+                                                   "IA3" if raw.get("composition_mode") == "scale" else "LoRA")
+    if arch in ("prefix_tuning", "prompt_tuning"):
+        return arch.replace("_", " ")
+    if arch in ("reft", "loreft", "noreft", "direft"):
+        return "ReFT"
+    if arch == "union":
+        return "a config union (MAM / UniPELT)"
+    if raw.get("phm_layer"):
+        return "Compacter (phm_layer=True)"
+    return None
+
+
 # Options that must hold these values, else the adapter computes something we do not implement.
 _REQUIRED_VALUES = {
     "architecture": (None, "bottleneck"),
@@ -125,6 +151,10 @@ class BottleneckConfig:
                 raise UnsupportedAdapterError(f"adapter '{name}': invertible_adapter={nested!r} must be an object "
                                               "with block_type and reduction_factor")
             raw.update(inv_adapter=nested["block_type"], inv_adapter_reduction_factor=nested.get("reduction_factor"))
+        method = unsupported_method(raw)
+        if method:
+            raise UnsupportedAdapterError(f"adapter '{name}' is {method}, which compressor does not support; "
+                                          f"{_METHOD_ADVICE.get(method, _CONVERT)}")
         for key, allowed in _REQUIRED_VALUES.items():
             if key in raw and raw[key] not in allowed:
                 raise UnsupportedAdapterError(
