@@ -43,11 +43,25 @@ def beats_int8_only(p, baseline, b: int) -> bool:
     return all(_sp(p, b) > _sp(q, b) for q in better)
 
 
+def timing_runs(p) -> list:
+    """The point's speedups ({"1": x, "8": y}) in every timing run of the record (tradeoff.py keeps them across
+    re-times with --keep), the latest last; a record from before that holds only the latest."""
+    runs = [r["speedup"] for r in p.get("timing_runs") or []]
+    return runs or [p.get("speedup") or {}]
+
+
+def _worst(p) -> float:
+    """The slower batch size's speedup in the point's slowest timing run: what the goal is judged on, since
+    timings on a shared VM move between runs (tradeoff.md shows each run)."""
+    return min(min(r.get("1") or 0, r.get("8") or 0) for r in timing_runs(p))
+
+
 def goal(points, model):
-    """(fastest graph within GOAL_DIFF of dense by its slower batch size, met, moonshot met)."""
+    """(fastest graph within GOAL_DIFF of dense by its slower batch size in its slowest timing run, met,
+    moonshot met)."""
     ok = [p for p in timed(points, model) if p["method"] != "dense" and p["difference"] >= GOAL_DIFF]
-    best = max(ok, key=lambda p: min(_sp(p, 1), _sp(p, 8)), default=None)
-    low = min(_sp(best, 1), _sp(best, 8)) if best else 0
+    best = max(ok, key=_worst, default=None)
+    low = _worst(best) if best else 0
     return best, low >= GOAL_SPEEDUP, low >= MOONSHOT
 
 
@@ -181,7 +195,10 @@ def write_report(record: dict, out: Path) -> None:
             continue
         lines.append(f"- **{model}**: {'met' if met else 'not met'}{' (moonshot 3x met too)' if moon else ''}: the "
                      f"fastest graph within 1 point is {best['method']} {best['target']} ({best['quant']}), "
-                     f"{_sp(best, 1):.2f}x at batch 1 and {_sp(best, 8):.2f}x at batch 8, accuracy "
+                     f"{_sp(best, 1):.2f}x at batch 1 and {_sp(best, 8):.2f}x at batch 8 in the latest timing run "
+                     f"(each run, batch 1 / 8: "
+                     + ", ".join(f"{r.get('1') or 0:.2f}x / {r.get('8') or 0:.2f}x" for r in timing_runs(best))
+                     + f"; judged on the slowest), accuracy "
                      f"{100 * best['metric']:.2f} vs {100 * best['reference']:.2f}, "
                      f"{_ci(best['difference'], best['low'], best['high'])} points, agreement "
                      f"{best['agreement']:.3f}.")
