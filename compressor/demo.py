@@ -12,13 +12,9 @@ calibration texts). Dense fp32, int8 alone and pruned + int8 are scored with onn
 against dense fp32 (compressor.evaluation: difference, bootstrap CI, agreement), and timed interleaved at batch
 1 and 8. Everything lands in one directory: masks, exports, bench report, demo.md, demo.json.
 
-Time on a quiet 2-core CPU, from quiet runs of the parts: `compress prune --target-speedup 2` on this model with
-1024 examples took 99 s including building the latency table and tokenising all of SST-2
-(benchmarks/results/post_training.md); the demo prunes on 256 rows; its exports, scoring of three graphs and
-timing are the earlier demo's, which took 184 s in all including 80 training steps and importance scores the
-demo no longer runs. Not yet run whole on a quiet machine: with an empty cache and others keeping 0.65 of the 2
-cores busy (load average 2.5-3.3, niced) it took 3 min 9 s wall (table 35 s, post-training 75 s, exports 16 s,
-scoring 26 s, timing 30 s); under heavy load (average 9-12) 19 min.
+Time on a quiet 2-core CPU (AMD EPYC, nothing else running, empty cache): 1 min 55 s wall, 1.4 GiB peak RSS,
+of which building the latency table 44 s and post-training 20 s; with others keeping 0.65 of the 2 cores busy
+3 min 9 s; under heavy load (load average 9-12, niced) 19 min.
 
 No recovery training (KD): it does not pay within five minutes. At the demo's 1.5x point there is nothing to
 recover (the study: +0.23 [-0.92, +1.38] with int8). At a 2x point (post-training to the study's 2x FLOPs
