@@ -13,8 +13,10 @@ WORK/points.json, so a crash costs the point in progress only):
    stage waits for a table in $COMPRESSOR_CACHE/latency so that none is built under this run's load), each fp32
    and int8 (dynamic per-channel), and at --kd-targets also after --kd-steps of KD recovery (`--recover kd`);
    the fusion's fused adapters compete in the search, and at --fixed-adapters targets they are kept;
-4. timing: every graph of a model in one interleaved `compress bench` run (onnxruntime CPU, --threads threads,
-   batch 1 and 8 x 128 tokens), the dense fp32 graph first (speedup = its p50 / the point's p50).
+4. timing: every graph of a model in one interleaved `compress bench` run per --timing-threads count
+   (onnxruntime CPU, batch 1 and 8 x 128 tokens), the dense fp32 graph first (speedup = its p50 / the point's
+   p50). One thread is timed too because on a VM two-thread latency depends on where the host runs the vCPUs
+   (benchmarks/thread_modes.py).
 Every point is compared with its model's dense fp32 graph on the same dev rows (paired bootstrap CI of the
 accuracy difference, agreement) and on --fidelity-examples held-out SST-2 training rows (the last ones; pruning
 and recovery read only the rows before them): agreement and mean KL. Claims are paired against dense PyTorch.
@@ -307,34 +309,38 @@ def stage_post_training(study: Study, m: Model) -> None:
 
 
 def bench(study: Study, args, models) -> None:
-    """All graphs of each model in one interleaved run, its dense fp32 graph first."""
+    """All graphs of each model in one interleaved run per --timing-threads count, its dense fp32 graph first.
+    The first count (the machine's cores) gives each point's p50_ms and speedup; every count adds a timing run."""
     from exporters.bench import BenchConfig, run_bench
 
-    for model in models:
-        points = [p for p in study.points if p["model"] == model and p.get("dir")]
-        if not points:
-            continue
-        points.sort(key=lambda p: p["name"] != f"{model}-dense")
-        report = run_bench([study.work / p["dir"] for p in points],
-                           BenchConfig(providers=["cpu"], batch_sizes=[1, 8], seq_lens=[128],
-                                       min_time_s=args.min_time, threads=args.threads),
-                           study.work / f"bench-{model}", overwrite=True)
-        study.machine = report["machine"]
-        cells = {(Path(c["target"]).name, c["batch_size"]): c for c in report["results"] if c["status"] == "ok"}
-        for p in points:
-            p["p50_ms"] = {str(b): cells[(p["dir"], b)]["p50_ms"] if (p["dir"], b) in cells else None for b in (1, 8)}
-            p["speedup"] = {str(b): cells[(p["dir"], b)].get("speedup_p50") if (p["dir"], b) in cells else None
-                            for b in (1, 8)}
-            rounds = {str(b): cells[(p["dir"], b)].get("speedup_rounds") for b in (1, 8) if (p["dir"], b) in cells}
-            p["speedup_rounds"] = rounds
-            # every re-time (--keep) adds a run: the report judges the goal on the slowest (timings on a shared
-            # VM move between runs far more than within one interleaved run)
-            p.setdefault("timing_runs", []).append(dict(p50_ms=p["p50_ms"], speedup=p["speedup"],
-                                                        load=report["machine"].get("load_average")))
-        dense = next(p for p in points if p["name"] == f"{model}-dense")
-        for p in study.points:  # PyTorch points (claims) carry no latency of their own
-            if p["model"] == model and not p.get("dir"):
-                p["p50_ms"], p["speedup"] = dense["p50_ms"], {"1": None, "8": None}
+    for threads in args.timing_threads:
+        for model in models:
+            points = [p for p in study.points if p["model"] == model and p.get("dir")]
+            if not points:
+                continue
+            points.sort(key=lambda p: p["name"] != f"{model}-dense")
+            report = run_bench([study.work / p["dir"] for p in points],
+                               BenchConfig(providers=["cpu"], batch_sizes=[1, 8], seq_lens=[128],
+                                           min_time_s=args.min_time, threads=threads),
+                               study.work / f"bench-{model}-{threads}t", overwrite=True)
+            cells = {(Path(c["target"]).name, c["batch_size"]): c for c in report["results"] if c["status"] == "ok"}
+            for p in points:
+                p50 = {str(b): cells[(p["dir"], b)]["p50_ms"] if (p["dir"], b) in cells else None for b in (1, 8)}
+                speedup = {str(b): cells[(p["dir"], b)].get("speedup_p50") if (p["dir"], b) in cells else None
+                           for b in (1, 8)}
+                if threads == args.timing_threads[0]:
+                    study.machine = report["machine"]
+                    p["p50_ms"], p["speedup"] = p50, speedup
+                    p["speedup_rounds"] = {str(b): cells[(p["dir"], b)].get("speedup_rounds") for b in (1, 8)
+                                           if (p["dir"], b) in cells}
+                # every re-time (--keep) adds a run per thread count: the report judges the goal on the slowest
+                # (timings on a shared VM move between runs far more than within one interleaved run)
+                p.setdefault("timing_runs", []).append(dict(threads=threads, p50_ms=p50, speedup=speedup,
+                                                            load=report["machine"].get("load_average")))
+            dense = next(p for p in points if p["name"] == f"{model}-dense")
+            for p in study.points:  # PyTorch points (claims) carry no latency of their own
+                if p["model"] == model and not p.get("dir"):
+                    p["p50_ms"], p["speedup"] = dense["p50_ms"], {"1": None, "8": None}
     study.record.write_text(json.dumps(dict(points=study.points), indent=1) + "\n")
 
 
@@ -417,7 +423,9 @@ def main(argv=None):
                     "the same directory): their points, graphs and logits move into --work")
     ap.add_argument("--no-bench", action="store_true", help="keep the saved timings (render only)")
     ap.add_argument("--min-time", type=float, default=2.0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for training and scoring")
+    ap.add_argument("--timing-threads", default="2,1", type=lambda s: [int(x) for x in s.split(",") if x],
+                    help="onnxruntime intra-op thread counts to time at, each its own run (see tradeoff.md)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", type=Path, default=ROOT.parent / "out" / "tradeoff")
     ap.add_argument("--out", type=Path, default=ROOT / "results")

@@ -67,3 +67,19 @@ def test_report_formats_the_load_and_lists_the_commands(tmp_path):
     assert lines[start + 1:start + 4] == [*commands, "```"]  # one command per line, in a code block
     assert "(load average at timing: 2.11 / 1.75 / 2.40)" in "\n".join(lines)
     assert tr.load_average(None) == "?"
+
+
+def test_goal_is_judged_per_thread_count_on_the_slowest_run(tmp_path):
+    runs = [dict(threads=2, speedup={"1": 3.3, "8": 3.4}), dict(threads=2, speedup={"1": 2.4, "8": 2.6}),
+            dict(threads=1, speedup={"1": 3.5, "8": 3.3}), dict(threads=1, speedup={"1": 3.4, "8": 3.2})]
+    pts = [dict(p, timing_runs=runs if p["name"] == "single-pt-2.5" else []) for p in POINTS]
+    best, met, moon = tr.goal(pts, "single", 1)
+    assert best["name"] == "single-pt-2.5" and met and moon  # slowest 1-thread run: 3.2x
+    best, met, _ = tr.goal(pts, "single", 2)
+    assert not met  # the 2-thread run at 2.4x decides
+    record = dict(points=pts, commands=[], machine={}, run={},
+                  args=dict(threads="2", fidelity_examples="1000", examples="512", kd_steps="200"))
+    tr.write_report(record, tmp_path)
+    text = (tmp_path / "tradeoff.md").read_text()
+    assert "**single** at 1 thread: met (moonshot 3x met too)" in text and "**single** at 2 threads: not met" in text
+    assert "3.40x / 3.20x" in text  # the latest 1-thread run in the table's extra column
