@@ -274,8 +274,9 @@ def stage_post_training(study: Study, m: Model) -> None:
         runs += [(x, KINDS["single"], "-keep-adapters") for x in a.fixed_adapters]
     for x, kinds, tag in runs:
         base = f"{m.name}-pt{tag}-{x}"
-        wanted = [base, base + "-int8"] + ([base + "-kd", base + "-kd-int8"] if x in a.kd_targets and
-                                           tag != "-keep-adapters" else [])
+        kd = base + "-kd" + a.kd_tag
+        wanted = [base, base + "-int8"] + ([kd, kd + "-int8"] if x in a.kd_targets and tag != "-keep-adapters"
+                                           else [])
         if all(study.has(n) for n in wanted):
             continue
         t0 = time.perf_counter()
@@ -289,11 +290,11 @@ def stage_post_training(study: Study, m: Model) -> None:
         target = (f"flops={round(1 / x, 4)}" if flops else f"speedup={x}") + \
             (" (fused adapters kept)" if tag == "-keep-adapters" else "")
         graphs = [(base, pruned, "post-training", dict(info), t0)]
-        if base + "-kd" in wanted:
+        if kd in wanted:
             t1 = time.perf_counter()
             recovered, summary = recover(pruned, ms, m.ctx, "kd", list(DEFAULT_PARTS), steps=a.kd_steps,
                                          teacher=m.model, kd=KDConfig())
-            graphs.append((base + "-kd", recovered, "post-training + KD",
+            graphs.append((kd, recovered, "post-training + KD",
                            dict(info, kd_steps=summary["steps"], kd_loss=summary["loss"],
                                 kd_seconds=round(time.perf_counter() - t1, 1)), t1))
         for name, net, method, notes, t in graphs:
@@ -406,6 +407,8 @@ def main(argv=None):
     ap.add_argument("--kd-targets", type=floats, default=[2.5, 3.0])
     ap.add_argument("--fixed-adapters", type=floats, default=[2.5], help="fusion targets with fused adapters kept")
     ap.add_argument("--kd-steps", type=int, default=200)
+    ap.add_argument("--kd-tag", default="", help="suffix of the KD points' names (e.g. 900 for -kd900), so that "
+                    "another --kd-steps budget adds points beside the saved ones")
     ap.add_argument("--examples", type=int, default=512, help="post-training's task examples")
     ap.add_argument("--claim-steps", type=int, default=200, help="training steps of a claim's method stage")
     ap.add_argument("--mask-steps", type=int, default=400, help="adapt-by-pruning's mask learning")
