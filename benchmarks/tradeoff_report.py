@@ -222,6 +222,13 @@ def write_report(record: dict, out: Path) -> None:
                          + f"; judged on the slowest), accuracy {100 * best['metric']:.2f} vs "
                          f"{100 * best['reference']:.2f}, {_ci(best['difference'], best['low'], best['high'])} "
                          f"points, agreement {best['agreement']:.3f}.")
+    if len(counts) > 1:
+        lines += ["", "Why two thread counts: on this VM a two-thread onnxruntime process runs in a fast or a slow "
+                  "mode (the slow one adds about the same milliseconds to every graph, so speed-ups shrink), for "
+                  "seconds to minutes, with nothing in the load to show it; one-thread processes stay steady "
+                  "(`benchmarks/results/thread_modes.md`, docs/design.md \"Timing\"). A two-thread verdict is "
+                  "therefore judged on whichever mode its slowest run drew; the one-thread speed-ups are what the "
+                  "graphs do per core."]
     lines.append("")
     for model, title in MODELS.items():
         rows = [p for p in points if p["model"] == model and p.get("dir")]
