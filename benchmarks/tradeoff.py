@@ -325,12 +325,14 @@ def bench(study: Study, args, models) -> None:
                                            min_time_s=args.min_time, threads=threads),
                                study.work / f"bench-{model}-{threads}t", overwrite=True)
             cells = {(Path(c["target"]).name, c["batch_size"]): c for c in report["results"] if c["status"] == "ok"}
+            first = threads == args.timing_threads[0]
+            if first:
+                study.machine = report["machine"]
             for p in points:
                 p50 = {str(b): cells[(p["dir"], b)]["p50_ms"] if (p["dir"], b) in cells else None for b in (1, 8)}
                 speedup = {str(b): cells[(p["dir"], b)].get("speedup_p50") if (p["dir"], b) in cells else None
                            for b in (1, 8)}
-                if threads == args.timing_threads[0]:
-                    study.machine = report["machine"]
+                if first:
                     p["p50_ms"], p["speedup"] = p50, speedup
                     p["speedup_rounds"] = {str(b): cells[(p["dir"], b)].get("speedup_rounds") for b in (1, 8)
                                            if (p["dir"], b) in cells}
