@@ -174,57 +174,81 @@ def torch_point(study: Study, m: Model, name: str, method: str, target: str, mod
                           seconds=round(time.perf_counter() - t0, 1), **m.scorer.compare(cand, dense)))
 
 
+CLAIM_METHODS = ("lottery-fusion", "sparse-adapter", "omp", "imp", "tamt", "adapt-by-pruning", "head-importance",
+                 "importance")
+
+
+def abp_push(steps: int) -> float:
+    """adapt-by-pruning's push for a `steps` mask budget: an untouched score crosses zero at half the budget, as
+    the method's default push does at 400 steps (without it, training stops at the target after ~200 steps
+    whatever the budget)."""
+    from compressor.pruning.learned_masks import AdaptByPruningOptions
+
+    o = AdaptByPruningOptions()
+    return o.init / (o.mask_lr * steps / 2)
+
+
 def stage_claims(study: Study, m: Model) -> None:
-    """The seed papers' claims (thresholds in tradeoff_report.CLAIMS), each at the stated budget."""
+    """The seed papers' claims (thresholds in tradeoff_report), each at the stated budget (recorded in the point's
+    notes); --claim-tag names the points of another budget, --claim-methods picks the methods."""
     from compressor.masks import masked_copy
     from compressor.pruning import prune
 
     a, ctx, model = m.args, m.ctx, m.model
+    tag = f"-{a.claim_tag}" if a.claim_tag else ""
+    wanted = set(a.claim_methods)
     if m.name == "fusion":
-        if study.has("fusion-lottery-final"):
+        name = "fusion-lottery-final" + tag
+        if study.has(name) or "lottery-fusion" not in wanted:
             return
         t0 = time.perf_counter()
         with budget(ctx, a.lottery_steps):
             lottery = prune(model, "lottery-fusion", {"adapters": 0.875}, seed=a.seed, data=ctx,
                             options=dict(rounds=3, max_drop=1.0))
         history = [{k: h[k] for k in ("round", "fraction", "metric") if k in h} for h in lottery.extra["history"]]
-        torch_point(study, m, "fusion-lottery-final", "lottery-fusion", "adapters=0.875",
+        torch_point(study, m, name, "lottery-fusion", "adapters=0.875",
                     masked_copy(lottery.model, lottery), t0, _counts(lottery),
                     dict(history=history, accepted_round=lottery.extra.get("accepted_round"),
-                         steps_per_round=a.lottery_steps))
+                         steps_per_round=a.lottery_steps, tag=a.claim_tag))
         return
-    for s in a.sparse_adapter:
-        name = f"single-sparse-adapter-{s}"
+    for s in a.sparse_adapter if "sparse-adapter" in wanted else []:
+        name = f"single-sparse-adapter-{s}{tag}"
         if study.has(name):
             continue
         t0 = time.perf_counter()
         with budget(ctx, a.sparse_steps):
             ms = prune(model, "sparse-adapter", {"weights": s}, seed=a.seed, data=ctx, options=dict(criterion="snip"))
         torch_point(study, m, name, "sparse-adapter (snip)", f"adapter weights={s}", masked_copy(ms.model, ms), t0,
-                    notes=dict(train_steps=a.sparse_steps))
+                    notes=dict(train_steps=a.sparse_steps, tag=a.claim_tag))
     for method, options in (("omp", {}), ("imp", dict(objective="kd", rate=0.25)), ("tamt", dict(objective="kd")),
                             ("adapt-by-pruning", {})):
-        name = f"single-{method}-probe"
-        if study.has(name):
+        name = f"single-{method}-probe{tag}"
+        if study.has(name) or method not in wanted:
             continue
         t0 = time.perf_counter()
         steps = a.mask_steps if method == "adapt-by-pruning" else a.claim_steps
+        if method == "adapt-by-pruning":
+            options = dict(push=abp_push(steps))
         with budget(ctx, steps):
             ms = prune(model, method, {"weights": a.weights}, seed=a.seed, data=ctx, options=options)
         pm = masked_copy(ms.model if ms.model is not None else model, ms)
         probe(pm, ctx, a.probe_steps)
         torch_point(study, m, name, f"{method} + probe", f"encoder weights={a.weights}", pm, t0,
-                    notes=dict(train_steps=steps, probe_steps=a.probe_steps,
-                               **{k: str(ms.extra[k]) for k in ("stopped_early",) if ms.extra.get(k)}))
+                    notes=dict(train_steps=steps, probe_steps=a.probe_steps, tag=a.claim_tag,
+                               **{k: str(ms.extra[k]) for k in ("stopped_early",) if ms.extra.get(k)},
+                               **({"push": round(options["push"], 4),
+                                   "steps_run": ms.extra["train"].get("steps")} if method == "adapt-by-pruning"
+                                  else {})))
     for method, options in (("head-importance", dict(adapter_width=24)), ("importance", dict(examples=256))):
-        name = f"single-{method}-heads"
-        if study.has(name):
+        name = f"single-{method}-heads{tag}"
+        if study.has(name) or method not in wanted:
             continue
         t0 = time.perf_counter()
         with budget(ctx, a.claim_steps):
             ms = prune(model, method, {"heads": 0.5}, seed=a.seed, data=ctx, options=options)
         torch_point(study, m, name, method, "heads=0.5", masked_copy(ms.model if ms.model is not None else model, ms),
-                    t0, _counts(ms), dict(train_steps=a.claim_steps if method == "head-importance" else 0))
+                    t0, _counts(ms), dict(train_steps=a.claim_steps if method == "head-importance" else 0,
+                                          tag=a.claim_tag))
 
 
 def wait_for_latency_table(model, timeout_s: float) -> str:
@@ -359,7 +383,9 @@ def claim_pairs(study: Study, args) -> None:
     from compressor.data import load_data
     from paired import Scorer
 
-    pairs = [(a, b) for a, b in CLAIM_PAIRS if study.has(a) and study.has(b)
+    tags = {f"-{p['notes']['tag']}" for p in study.points if (p.get("notes") or {}).get("tag")} | {""}
+    pairs = [(a + t, b + t) for a, b in CLAIM_PAIRS for t in tags]
+    pairs = [(a, b) for a, b in pairs if study.has(a) and study.has(b)
              and (study.work / "logits" / f"{a}.npz").is_file() and (study.work / "logits" / f"{b}.npz").is_file()]
     if not pairs:
         return
@@ -417,6 +443,10 @@ def main(argv=None):
     ap.add_argument("--probe-steps", type=int, default=200)
     ap.add_argument("--sparse-steps", type=int, default=400, help="SparseAdapter's adapter training")
     ap.add_argument("--lottery-steps", type=int, default=150, help="lottery-fusion's training per round")
+    ap.add_argument("--claim-tag", default="", help="suffix of the claim points' names (e.g. long for "
+                    "single-omp-probe-long), so that other budgets add points beside the saved ones")
+    ap.add_argument("--claim-methods", default=",".join(CLAIM_METHODS), type=lambda s: s.split(","),
+                    help="the claims stage's methods (default: all)")
     ap.add_argument("--sparse-adapter", type=floats, default=[0.0, 0.8])
     ap.add_argument("--weights", type=float, default=0.5, help="encoder weight sparsity of the mask methods")
     ap.add_argument("--batch-size", type=int, default=16)

@@ -91,10 +91,27 @@ def _beats(c) -> str:
     return "confirmed" if c["low"] > 0 else "contradicted" if c["high"] < 0 else "inconclusive (CI holds 0)"
 
 
+def claim_tags(points) -> list:
+    """The claim budgets in the record: "" (the first run's) and each --claim-tag, in the order they appear."""
+    return list(dict.fromkeys([""] + [p["notes"]["tag"] for p in points if (p.get("notes") or {}).get("tag")]))
+
+
+def _steps(p, key, default) -> int:
+    """A budget the point records in its notes, else the record's argument (points from before notes held it)."""
+    return int((p.get("notes") or {}).get(key) or default)
+
+
 def claims(points, args) -> list:
-    """(claim, verdict, evidence with the paired CI, budget) per seed paper."""
+    """(claim, verdict, evidence with the paired CI, budget) per seed paper and budget, a claim's budgets together."""
+    found = [row for tag in claim_tags(points) for row in _claims_at(points, args, f"-{tag}" if tag else "")]
+    order = list(dict.fromkeys(row[0] for row in found))
+    return sorted(found, key=lambda row: order.index(row[0]))  # stable: each claim's budgets in tag order
+
+
+def _claims_at(points, args, tag: str) -> list:
+    """The claims' rows for the points named with suffix `tag` (one budget)."""
     out = []
-    lot = _find(points, "fusion-lottery-final")
+    lot = _find(points, "fusion-lottery-final" + tag)
     if lot:
         hist = ", ".join(f"round {h['round']}: {100 * h['metric']:.1f}" for h in lot["notes"].get("history", [])
                          if h.get("metric") is not None)
@@ -103,29 +120,38 @@ def claims(points, args) -> list:
                     f"{100 * lot['metric']:.2f} vs {100 * lot['reference']:.2f}: "
                     f"{_ci(lot['difference'], lot['low'], lot['high'])}; agreement {lot['agreement']:.3f}; "
                     f"accepted round {lot['notes'].get('accepted_round')} ({hist})",
-                    f"3 rounds x {_epochs(int(args['lottery_steps']))} of fusion training"))
-    ref = _find(points, "single-sparse-adapter-0.0")
-    high = [p for p in points if p["method"] == "sparse-adapter (snip)" and p is not ref and "vs" in p]
+                    f"3 rounds x {_epochs(_steps(lot, 'steps_per_round', args['lottery_steps']))} of fusion "
+                    "training"))
+    ref_name = "single-sparse-adapter-0.0" + tag
+    ref = _find(points, ref_name)
+    high = [p for p in points if p["method"] == "sparse-adapter (snip)" and p is not ref and ref_name in
+            p.get("vs", {})]
     if ref and high:
-        vs = [(p, p["vs"]["single-sparse-adapter-0.0"]) for p in high]
-        verdicts = [_keeps(p, "single-sparse-adapter-0.0") for p in high]
+        vs = [(p, p["vs"][ref_name]) for p in high]
+        verdicts = [_keeps(p, ref_name) for p in high]
         verdict = ("confirmed" if all(v == "confirmed" for v in verdicts) else "not confirmed"
                    if "not confirmed" in verdicts else "inconclusive")
         out.append(("Sparse adapters stay close to dense adapters up to high sparsity (SparseAdapter, SNIP at "
                     "init, >= 80% of adapter weights pruned, within 1 point of the dense adapter trained the same "
                     "way)", verdict, "; ".join(f"{p['target']}: {100 * p['metric']:.2f} vs {100 * c['reference']:.2f}"
                                               f" {_ci(c['difference'], c['low'], c['high'])}" for p, c in vs),
-                    f"adapter re-initialised and trained {_epochs(int(args['sparse_steps']))} per sparsity"))
-    abp, omp = _find(points, "single-adapt-by-pruning-probe"), _find(points, "single-omp-probe")
-    if abp and omp and "vs" in abp:
-        c = abp["vs"]["single-omp-probe"]
+                    f"adapter re-initialised and trained {_epochs(_steps(ref, 'train_steps', args['sparse_steps']))}"
+                    " per sparsity"))
+    omp_name = "single-omp-probe" + tag
+    abp, omp = _find(points, "single-adapt-by-pruning-probe" + tag), _find(points, omp_name)
+    if abp and omp and omp_name in abp.get("vs", {}):
+        c = abp["vs"][omp_name]
+        n = abp["notes"]
+        run = (f" (stopped at the target after {n['steps_run']} steps, push {n['push']})"
+               if n.get("steps_run") else "")
         out.append(("Learned masks beat magnitude masks at the same sparsity (adapt-by-pruning vs one-shot "
                     f"magnitude, {abp['target']}, + head probe)", _beats(c),
                     f"{100 * abp['metric']:.2f} vs {100 * omp['metric']:.2f}: {_ci(c['difference'], c['low'], c['high'])}",
-                    f"mask learning {_epochs(int(args['mask_steps']))}, head probe {args['probe_steps']} steps"))
-    tamt, imp = _find(points, "single-tamt-probe"), _find(points, "single-imp-probe")
-    if tamt and imp and omp and "vs" in tamt:
-        c1, c2 = tamt["vs"]["single-imp-probe"], tamt["vs"]["single-omp-probe"]
+                    f"mask learning {_epochs(_steps(abp, 'train_steps', args['mask_steps']))}{run}, head probe "
+                    f"{_steps(abp, 'probe_steps', args['probe_steps'])} steps"))
+    tamt, imp = _find(points, "single-tamt-probe" + tag), _find(points, "single-imp-probe" + tag)
+    if tamt and imp and omp and imp["name"] in tamt.get("vs", {}):
+        c1, c2 = tamt["vs"][imp["name"]], tamt["vs"][omp_name]
         v1, v2 = _beats(c1), _beats(c2)
         verdict = "confirmed" if v1 == v2 == "confirmed" else "contradicted" if "contradicted" in (v1, v2) else \
             "inconclusive (CI holds 0)"
@@ -134,9 +160,9 @@ def claims(points, args) -> list:
                     f"tamt {100 * tamt['metric']:.2f}, imp {100 * imp['metric']:.2f}, omp {100 * omp['metric']:.2f}; "
                     f"tamt - imp {_ci(c1['difference'], c1['low'], c1['high'])}, tamt - omp "
                     f"{_ci(c2['difference'], c2['low'], c2['high'])}",
-                    f"mask training / IMP {_epochs(int(args['claim_steps']))} (IMP: rate 0.25 per round), head probe "
-                    f"{args['probe_steps']} steps"))
-    hi, imp_h = _find(points, "single-head-importance-heads"), _find(points, "single-importance-heads")
+                    f"mask training / IMP {_epochs(_steps(tamt, 'train_steps', args['claim_steps']))} (IMP: rate "
+                    f"0.25 per round), head probe {_steps(tamt, 'probe_steps', args['probe_steps'])} steps"))
+    hi, imp_h = _find(points, "single-head-importance-heads" + tag), _find(points, "single-importance-heads")
     if hi:
         ev = f"{100 * hi['metric']:.2f} vs dense {100 * hi['reference']:.2f}: {_ci(hi['difference'], hi['low'], hi['high'])}"
         if imp_h:
@@ -144,7 +170,7 @@ def claims(points, args) -> list:
                    f"{_ci(imp_h['difference'], imp_h['low'], imp_h['high'])}")
         out.append(("Head pruning plus a new adapter keeps accuracy (head-importance: half the heads, an adapter "
                     "sized by layer importance, within 1 point of the dense adapter model)", _keeps(hi), ev,
-                    f"new adapter trained {_epochs(int(args['claim_steps']))}"))
+                    f"new adapter trained {_epochs(_steps(hi, 'train_steps', args['claim_steps']))}"))
     return out
 
 

@@ -83,3 +83,18 @@ def test_goal_is_judged_per_thread_count_on_the_slowest_run(tmp_path):
     text = (tmp_path / "tradeoff.md").read_text()
     assert "**single** at 1 thread: met (moonshot 3x met too)" in text and "**single** at 2 threads: not met" in text
     assert "3.40x / 3.20x" in text  # the latest 1-thread run in the table's extra column
+
+
+def test_claims_at_two_budgets_sit_together_with_each_budget_from_its_notes():
+    def claim(name, diff, lo, hi, steps, tag=""):
+        return dict(point(name, "head-importance", 1, 1, diff, lo, hi), notes=dict(train_steps=steps, tag=tag))
+
+    points = [claim("single-head-importance-heads", -6.0, -8.4, -3.4, 200),
+              dict(point("single-sparse-adapter-0.0", "sparse-adapter (snip)", 1, 1, 0, 0, 0),
+                   notes=dict(train_steps=400)),
+              claim("single-head-importance-heads-long", -0.4, -0.9, 0.2, 2000, "long")]
+    args = dict(claim_steps="200", sparse_steps="400", probe_steps="200", mask_steps="400", lottery_steps="150")
+    rows = tr.claims(points, args)
+    assert [r[1] for r in rows] == ["not confirmed", "confirmed"]  # [-0.9, +0.2] lies above -1
+    assert "200 steps" in rows[0][3] and "2000 steps (0.48 epoch)" in rows[1][3]
+    assert tr.claim_tags(points) == ["", "long"]
