@@ -174,6 +174,12 @@ def _claims_at(points, args, tag: str) -> list:
     return out
 
 
+def _method(p) -> str:
+    """The point's method, with its KD budget when it has one (two KD budgets of one target differ only there)."""
+    steps = (p.get("notes") or {}).get("kd_steps")
+    return f"{p['method']} {steps} steps" if steps else p["method"]
+
+
 def _kept(p) -> str:
     c = p.get("counts") or {}
     return " / ".join(f"{c[k]['kept']}/{c[k]['total']}" for k in ("heads", "neurons", "bottleneck", "adapters")
@@ -242,7 +248,7 @@ def write_report(record: dict, out: Path) -> None:
             runs = timing_runs(best, threads)
             lines.append(f"- **{model}**{at}: {'met' if met else 'not met'}"
                          f"{' (moonshot 3x met too)' if moon else ''}: the fastest graph within 1 point is "
-                         f"{best['method']} {best['target']} ({best['quant']}), in {len(runs)} timing "
+                         f"{_method(best)} {best['target']} ({best['quant']}), in {len(runs)} timing "
                          f"run{'s' if len(runs) != 1 else ''} (batch 1 / 8: "
                          + ", ".join(f"{r.get('1') or 0:.2f}x / {r.get('8') or 0:.2f}x" for r in runs)
                          + f"; judged on the slowest), accuracy {100 * best['metric']:.2f} vs "
@@ -273,7 +279,7 @@ def write_report(record: dict, out: Path) -> None:
             ms = p.get("p50_ms") or {}
             pred = p["notes"].get("predicted_speedup")
             lines.append(
-                f"| {p['method']} | {p['target']} | {p['quant']} | {_kept(p)} | {100 * p['metric']:.2f} | "
+                f"| {_method(p)} | {p['target']} | {p['quant']} | {_kept(p)} | {100 * p['metric']:.2f} | "
                 f"{_ci(p['difference'], p['low'], p['high'])} | {p['agreement']:.3f} | "
                 f"{p['fidelity']['agreement']:.3f}, {p['fidelity']['mean_kl']:.4f} | "
                 + " | ".join(f"{ms[b]:.1f}" if ms.get(b) else "-" for b in ("1", "8")) + " | "
@@ -285,9 +291,9 @@ def write_report(record: dict, out: Path) -> None:
         for b in (1, 8):
             front = pareto(graphs, b)
             lines += ["", f"Pareto front, batch {b}: " + " → ".join(
-                f"{p['method']} {p['target']} {p['quant']} ({_sp(p, b):.2f}x, {p['difference']:+.2f})" for p in front)
+                f"{_method(p)} {p['target']} {p['quant']} ({_sp(p, b):.2f}x, {p['difference']:+.2f})" for p in front)
                 + ". Beyond the int8-only curve (faster than every int8-only graph at least as accurate): "
-                + (", ".join(f"{p['method']} {p['target']} {p['quant']}" for p in front
+                + (", ".join(f"{_method(p)} {p['target']} {p['quant']}" for p in front
                              if p["method"] not in ("dense", "int8 only") and beats_int8_only(p, baseline, b))
                    or "none") + "."]
         lines.append("")
@@ -302,6 +308,11 @@ def write_report(record: dict, out: Path) -> None:
     found = claims(points, args)
     for claim, verdict, evidence, budget in found:
         lines.append(f"| {claim} | {verdict} | {evidence} | {budget} |")
+    if any("adapt-by-pruning" in row[0] for row in found) and (out / "adapt_by_pruning.md").is_file():
+        lines += ["", "Why adapt-by-pruning ends at chance at every budget: `adapt_by_pruning.md` "
+                  "(`benchmarks/adapt_by_pruning_diagnosis.py`). Its straight-through scores learn from g * w, and "
+                  "on this model the weights whose g * w most favours removal are the ones whose removal hurts most; "
+                  "the final top-50% projection then prunes those first, with or without the push."]
     if not found:
         lines += ["", "No claim point in this record: the claims stage has not finished (resume it with "
                   "`python benchmarks/tradeoff.py --order claims --stages claims`, then re-render)."]

@@ -9,6 +9,7 @@ the baselines (test_masks.py, test_registry.py)."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -468,6 +469,19 @@ def test_adapt_by_pruning_heads_find_the_planted_heads(planted, seed):
     assert ms.extra["reached_target_in_training"] and ms.extra["train"]["steps"] < 120
     for key, heads in planted.keep.items():
         assert ms.masks[key].nonzero().flatten().tolist() == list(heads), key
+
+
+def test_adapt_by_pruning_traces_its_loss_and_pruned_fraction(planted):
+    """extra["trace"]: every TRACE_EVERY steps the mean training loss since the last point and the pruned fraction
+    (as scores <= 0), which the push makes grow until the target stops training."""
+    ctx = signal_context(planted.tokenizer, max_steps=120, seed=SEED)
+    ms = prune(planted.model, "adapt-by-pruning", {"heads": 0.75}, seed=SEED, data=ctx, options=dict(push=0.5))
+    trace, steps = ms.extra["trace"], ms.extra["train"]["steps"]
+    assert [t["step"] for t in trace] == list(range(learned_masks.TRACE_EVERY, steps + 1, learned_masks.TRACE_EVERY))
+    assert all(t["loss"] > 0 and math.isfinite(t["loss"]) for t in trace)
+    pruned = [t["pruned"]["heads"] for t in trace]
+    assert pruned[0] < 0.75 and pruned[-1] <= ms.extra["pruned_fraction_at_stop"]["heads"] and pruned[-1] > pruned[0]
+    json.dumps(trace)  # part of the saved masks' metadata
 
 
 # ----------------------------------------------------------------------------------------------- tamt, omp, imp

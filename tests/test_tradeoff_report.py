@@ -98,3 +98,14 @@ def test_claims_at_two_budgets_sit_together_with_each_budget_from_its_notes():
     assert [r[1] for r in rows] == ["not confirmed", "confirmed"]  # [-0.9, +0.2] lies above -1
     assert "200 steps" in rows[0][3] and "2000 steps (0.48 epoch)" in rows[1][3]
     assert tr.claim_tags(points) == ["", "long"]
+
+
+def test_two_kd_budgets_of_one_target_are_told_apart(tmp_path):
+    kd = [dict(point(f"single-pt-2.0-kd{s}", "post-training + KD", 2.6, 2.7, d, d - 1, d + 1), target="speedup=2.0",
+               notes=dict(kd_steps=s)) for s, d in ((300, -1.9), (900, -0.5))]
+    record = dict(points=POINTS[:2] + kd, commands=[], machine={}, run={}, args=dict(threads="2"))
+    tr.write_report(record, tmp_path)
+    text = (tmp_path / "tradeoff.md").read_text()
+    assert "| post-training + KD 300 steps | speedup=2.0 |" in text
+    assert "| post-training + KD 900 steps | speedup=2.0 |" in text
+    assert "the fastest graph within 1 point is post-training + KD 900 steps speedup=2.0" in text
