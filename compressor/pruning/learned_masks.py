@@ -12,6 +12,8 @@
   Measured on MiniLM + an SST-2 adapter (benchmarks/results/adapt_by_pruning.md): the scores learn from g * w, and
   the weights whose g * w most favours removal are the ones whose removal hurts most, so the mask ends at chance
   accuracy at every budget tried; extra["trace"] (loss and pruned fraction every TRACE_EVERY steps) shows it.
+  The paper's appendix uses plain gradient steps on the scores instead (lr 2e-5, init N(0.01, 0.001), push 2e-7,
+  temperatures 1e5 / 1, 3 epochs on SST-2): not implemented here yet.
 - `tamt` (Liu et al., "Learning to Win Lottery Tickets in BERT Transfer via Task-agnostic Mask Training",
   NAACL 2022): scores initialised from one-shot magnitude pruning (|w|, normalised per matrix), a per-matrix
   threshold keeping the target exactly, straight-through gradients to the scores, trained on a pretraining
