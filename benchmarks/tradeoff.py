@@ -457,6 +457,8 @@ def main(argv=None):
     ap.add_argument("--merge", default="", help="comma-separated work directories of parallel runs (their --out "
                     "the same directory): their points, graphs and logits move into --work")
     ap.add_argument("--no-bench", action="store_true", help="keep the saved timings (render only)")
+    ap.add_argument("--time-models", default="", help="comma-separated models to re-time (default: every model in "
+                    "the record); the others keep their saved timings")
     ap.add_argument("--min-time", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=2, help="torch threads for training and scoring")
     ap.add_argument("--timing-threads", default="2,1", type=lambda s: [int(x) for x in s.split(",") if x],
@@ -504,7 +506,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     run = dict(previous.get("run", {}))
     if not args.no_bench:
-        bench(study, args, sorted({p["model"] for p in study.points}))
+        wanted = [m for m in args.time_models.split(",") if m]
+        bench(study, args, sorted({p["model"] for p in study.points if not wanted or p["model"] in wanted}))
         run["bench_s"] = round(time.perf_counter() - t0)
     else:
         study.machine = previous.get("machine", {})

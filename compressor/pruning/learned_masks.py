@@ -12,8 +12,11 @@
   Measured on MiniLM + an SST-2 adapter (benchmarks/results/adapt_by_pruning.md): the scores learn from g * w, and
   the weights whose g * w most favours removal are the ones whose removal hurts most, so the mask ends at chance
   accuracy at every budget tried; extra["trace"] (loss and pruned fraction every TRACE_EVERY steps) shows it.
-  The paper's appendix uses plain gradient steps on the scores instead (lr 2e-5, init N(0.01, 0.001), push 2e-7,
-  temperatures 1e5 / 1, 3 epochs on SST-2): not implemented here yet.
+  `--option variant=paper` is the paper's own update (its Eq. 7 and appendix Table 1): plain gradient steps on the
+  scores and the head, theta -= lr_i * (grad + push), the push added to the gradient so that it follows the
+  learning-rate schedule like the paper's gamma_i ("max regularisation"); lr 2e-5, gamma 2e-7 (push = gamma / lr),
+  temperatures 1e5 / 1, init N(0.01, 0.001) (0.001 read as the standard deviation: as a variance, a third of the
+  scores would start pruned, which the paper says harms), 3 epochs on SST-2 at batch 8.
 - `tamt` (Liu et al., "Learning to Win Lottery Tickets in BERT Transfer via Task-agnostic Mask Training",
   NAACL 2022): scores initialised from one-shot magnitude pruning (|w|, normalised per matrix), a per-matrix
   threshold keeping the target exactly, straight-through gradients to the scores, trained on a pretraining
@@ -27,6 +30,7 @@ import copy
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Optional
 
 import torch
 from torch import nn
@@ -108,20 +112,59 @@ def _freeze(model: nn.Module) -> None:
 
 # ----------------------------------------------------------------------------------------------- adapt-by-pruning
 
+# The two variants' settings; an option given explicitly overrides its variant's value.
+ABP_VARIANTS = {
+    # Adam on the scores, the push decoupled from it (theta -= mask_lr * push after each step): an untouched score
+    # crosses zero after init / (mask_lr * push) = 200 steps
+    "adam": dict(temperature=1000.0, slope=5.0, push=0.1, init=0.2, init_std=0.0, mask_lr=0.01),
+    # the paper's: plain gradient steps, lr 2e-5 for scores and head, gamma = mask_lr * push = 2e-7
+    "paper": dict(temperature=1e5, slope=1.0, push=0.01, init=0.01, init_std=0.001, mask_lr=2e-5),
+}
+
+
 @dataclass
 class AdaptByPruningOptions:
-    temperature: float = 1000.0  # forward: sigmoid(temperature * theta), nearly binary
-    slope: float = 5.0  # backward: the gradient of sigmoid(slope * theta), soft
-    push: float = 0.1  # every step theta -= mask_lr * push, towards pruning (an untouched score crosses zero
-    #                    after init / (mask_lr * push) steps: 200 by default)
-    init: float = 0.2  # positive initial theta: every connection starts kept
-    mask_lr: float = 0.01  # Adam learning rate of the scores (the head uses --learning-rate)
+    variant: str = "adam"  # adam (ours) or paper (plain gradient steps, the paper's hyperparameters)
+    temperature: Optional[float] = None  # forward: sigmoid(temperature * theta), nearly binary
+    slope: Optional[float] = None  # backward: the gradient of sigmoid(slope * theta), soft
+    push: Optional[float] = None  # every step theta moves mask_lr * push towards pruning
+    init: Optional[float] = None  # positive initial theta (mean): every connection starts kept
+    init_std: Optional[float] = None  # spread of the initial theta, N(init, init_std)
+    mask_lr: Optional[float] = None  # learning rate of the scores (adam: the head uses --learning-rate)
 
     def __post_init__(self):
+        if self.variant not in ABP_VARIANTS:
+            raise PruningConfigError(f"adapt-by-pruning: --option variant must be one of: {', '.join(ABP_VARIANTS)} "
+                                     f"(got {self.variant!r})")
+        for key, value in ABP_VARIANTS[self.variant].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         if self.temperature <= 0 or self.slope <= 0 or self.init <= 0 or self.mask_lr <= 0:
             raise PruningConfigError("adapt-by-pruning: temperature, slope, init and mask_lr must be > 0")
-        if self.push < 0:
-            raise PruningConfigError("adapt-by-pruning: push must be >= 0")
+        if self.push < 0 or self.init_std < 0:
+            raise PruningConfigError("adapt-by-pruning: push and init_std must be >= 0")
+
+
+def _initial_scores(opts: AdaptByPruningOptions, seed: int):
+    """theta_0 ~ N(init, init_std), drawn unit after unit from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    return lambda u: opts.init + opts.init_std * torch.randn(u.shape, generator=gen)
+
+
+def _score_spread(units, scores: dict, opts: AdaptByPruningOptions, seed: int) -> dict:
+    """Per kind, the standard deviation of the initial scores and of what training added to them. The push moves
+    every score alike, so the second is the loss's doing; when it is far below the first, the final ranking (and
+    the mask) is the random initialisation's, not the task's (theta_0 is drawn again, not kept in memory)."""
+    initial, out = _initial_scores(opts, seed), {}
+    for kind in sorted({u.kind for u in units}):
+        first, moved = [], []
+        for u in units:
+            theta0 = initial(u)  # every unit, in order: the generator's state must follow the training's draw
+            if u.kind == kind:
+                first.append(theta0.flatten())
+                moved.append((scores[u.key] - theta0).flatten())
+        out[kind] = dict(initial=float(torch.cat(first).std()), learned=float(torch.cat(moved).std()))
+    return out
 
 
 TRACE_EVERY = 10  # steps between two points of adapt-by-pruning's training trace
@@ -147,7 +190,7 @@ class AdaptByPruning(PruningMethod):
             soft = torch.sigmoid(opts.slope * theta)
             return hard + soft - soft.detach()  # forward: hard; backward: the soft slope
 
-        learned = LearnedMasks(model, units, lambda u: torch.full(u.shape, opts.init), mask_of)
+        learned = LearnedMasks(model, units, _initial_scores(opts, cfg.seed), mask_of)
         head = head_parameters(model)
         for p in head:
             p.requires_grad_(True)
@@ -161,10 +204,19 @@ class AdaptByPruning(PruningMethod):
             recent.append(float(value.detach()))
             return value
 
+        paper = opts.variant == "paper"
+
+        @torch.no_grad()
+        def push_in_gradient(step):  # paper: gamma_i = lr_i * push, through the optimiser and its schedule
+            for theta in thetas:
+                if theta.grad is not None:
+                    theta.grad.add_(opts.push)
+
         @torch.no_grad()
         def push(step):
-            for theta in thetas:
-                theta.sub_(opts.mask_lr * opts.push)
+            if not paper:  # decoupled from Adam (see the module docstring)
+                for theta in thetas:
+                    theta.sub_(opts.mask_lr * opts.push)
             if step % TRACE_EVERY == 0:
                 trace.append(dict(step=step, loss=round(sum(recent) / len(recent), 4),
                                   pruned={k: round(pruned_fraction(k), 4) for k in cfg.sparsity}))
@@ -180,12 +232,14 @@ class AdaptByPruning(PruningMethod):
         # completes the pruning as the loss's pull fades (with Adam, a small but steady gradient moves a score as
         # fast as a large one, so under a constant rate scores with push < 1 step may never fall)
         groups = [dict(params=thetas, lr=opts.mask_lr, weight_decay=0.0)]
-        if head:
-            groups.append(dict(params=head))
+        if head:  # the paper steps the head (its p) at the scores' rate too (Table 1: alpha = beta = 2e-5)
+            groups.append(dict(params=head, lr=opts.mask_lr, weight_decay=0.0) if paper else dict(params=head))
         summary = train(model, data.train_set, data.collate, loss, data.config, groups, stage="masks",
-                        after_step=push, should_stop=reached)
+                        after_backward=push_in_gradient if paper else None, after_step=push, should_stop=reached,
+                        optimizer="sgd" if paper else "adamw")
         fractions = {k: pruned_fraction(k) for k in cfg.sparsity}
         scores = {u.key: learned.scores[u.key].detach().cpu().clone() for u in units}
+        spread = _score_spread(units, scores, opts, cfg.seed)
         learned.remove()
         _freeze(model)
         masks = {}
@@ -194,7 +248,7 @@ class AdaptByPruning(PruningMethod):
             masks.update(global_prune({k: scores[k] for k in part}, part, fraction,
                                       0 if kind == "weights" else cfg.min_keep))
         extra = dict(train=summary, reached_target_in_training=reached(0), pruned_fraction_at_stop=fractions,
-                     trace=trace)
+                     trace=trace, score_spread=spread)
         return MaskSet(masks, fingerprint(model), self.name, extra=extra, model=model.eval())
 
 

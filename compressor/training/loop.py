@@ -70,10 +70,11 @@ def train(model: nn.Module, dataset, collate_fn, loss_fn: Callable, config: Trai
           params: Optional[Iterable[nn.Parameter]] = None, stage: str = "train",
           after_backward: Optional[Hook] = None, after_step: Optional[Hook] = None,
           steps: Optional[int] = None, learning_rate: Optional[float] = None,
-          should_stop: Optional[Callable[[int], bool]] = None) -> dict:
+          should_stop: Optional[Callable[[int], bool]] = None, optimizer: str = "adamw") -> dict:
     """Train `params` (default: those with requires_grad) of `model` in place on `dataset` to minimise
     `loss_fn(model, batch)`. Hooks get the step number: `after_backward` before the optimiser step (gradient
-    surgery), `after_step` after it (mask projection, schedules). Returns a summary dict."""
+    surgery), `after_step` after it (mask projection, schedules). `optimizer`: adamw, or sgd (plain gradient steps,
+    no momentum; a method that follows a paper's update rule). Returns a summary dict."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from transformers import get_linear_schedule_with_warmup
@@ -102,7 +103,11 @@ def train(model: nn.Module, dataset, collate_fn, loss_fn: Callable, config: Trai
     if trace is not None:  # same sampler, same order: only the indices are noted on their way through
         dataset, collate_fn = trace.wrap(dataset, collate_fn)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collate_fn, generator=gen)
-    optimizer = torch.optim.AdamW(params, lr=learning_rate or config.learning_rate, weight_decay=config.weight_decay)
+    if optimizer not in ("adamw", "sgd"):
+        raise ValueError(f"optimizer must be adamw or sgd, got {optimizer!r}")
+    lr = learning_rate or config.learning_rate
+    optimizer = (torch.optim.SGD(params, lr=lr) if optimizer == "sgd"
+                 else torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay))
     # accelerate steps a prepared scheduler once per process at every optimiser step (split_batches=False, the
     # global batch is num_processes x --batch-size): give it num_processes times the steps so that the schedule
     # spans `total` optimiser steps, as in one process
