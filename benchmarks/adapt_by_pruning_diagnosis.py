@@ -144,6 +144,13 @@ def run_paper(m, steps: int, omp) -> dict:
                 difference=[round(point[k], 2) for k in ("difference", "low", "high")])
 
 
+def _below(shift: float, run: dict) -> float:
+    """Share of N(init, sqrt(0.001)) scores below zero after every score moved down by `shift`."""
+    from statistics import NormalDist
+
+    return NormalDist(run["init"], 0.001 ** 0.5).cdf(shift)
+
+
 def paper_report(run: dict) -> list:
     s, at = run["spread"], run["learned_spread_at_paper_budget"]
     t = run["trace"][::max(1, len(run["trace"]) // 8)]
@@ -155,20 +162,25 @@ def paper_report(run: dict) -> list:
             "| pruned | " + " | ".join(f"{x['pruned']['weights']:.4f}" for x in t) + " |", "",
             f"- What the loss added to the scores varies by {s['learned']:.2e} (standard deviation over the encoder's "
             f"weights); their random start varies by {s['initial']:.2e}, {s['initial'] / max(s['learned'], 1e-30):.0f} "
-            "times more. The final top-50% ranking is therefore the random start's: accuracy "
-            f"{100 * run['accuracy']:.2f}, {run['difference'][0]:+.2f} [{run['difference'][1]:+.2f}, "
+            "times more. " + ("The final top-50% ranking is therefore the random start's" if s["initial"] >
+                              10 * s["learned"] else "The loss has a say in the final top-50% ranking") +
+            f": accuracy {100 * run['accuracy']:.2f}, {run['difference'][0]:+.2f} [{run['difference'][1]:+.2f}, "
             f"{run['difference'][2]:+.2f}] against dense (no head probe); agreement with OMP's mask "
             f"{run['agreement_with_omp']:.3f} (random: 0.5).",
             f"- Extrapolated to the paper's {run['paper_steps']} steps, that spread grows to {at['sqrt']:.2e} (if the "
             f"gradients' signs wander) or at most {at['linear']:.2e} (if every score's gradient kept its sign), "
             f"against a start of {run['init']} that a score must cross to be pruned. The push alone moves every "
-            f"score by {run['push_over_paper_budget']:.1e} in those 3 epochs: it cannot bring an untouched score "
-            "to zero either.",
-            "- So, as we read the paper's hyperparameters, its run on this model would not reach 50% pruned in its "
-            "budget, and the saved top-50% mask would be decided by the random start. The paper reports masks "
-            "that keep BERT-base's accuracy on SST-2; its gradients, or its reading of lr and gamma, differ from "
-            "ours by orders of magnitude. Our tests show the same update rule learning a good mask on a small "
-            "model at a rate fitted to it (tests/test_methods.py, the paper-variant tests).", ""]
+            f"score by {run['push_over_paper_budget']:.1e} in those 3 epochs. (Read as a variance, the paper's "
+            f"N(0.01, 0.001) starts {_below(0.0, run):.0%} of the scores pruned, and the push alone brings "
+            f"{_below(run['push_over_paper_budget'], run):.0%} below zero in 3 epochs: still random, and short of "
+            "50%.)",
+            *(["- So, with the paper's hyperparameters as its appendix gives them, a run of its full budget on this "
+               "model would not reach 50% pruned, and the saved top-50% mask would be the random start's. The paper "
+               "reports masks that keep BERT-base's accuracy on SST-2 with these settings: either BERT-base's mask "
+               "gradients are orders of magnitude larger than MiniLM's here, or the rates in its table are not the "
+               "ones its runs used; the paper does not let us tell which. The same update rule learns a good mask "
+               "on a small model at a rate fitted to it (tests/test_methods.py, the paper-variant tests)."]
+              if max(at["linear"], run["push_over_paper_budget"]) < run["init"] else []), ""]
 
 
 def report(result: dict) -> str:

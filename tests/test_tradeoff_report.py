@@ -109,3 +109,18 @@ def test_two_kd_budgets_of_one_target_are_told_apart(tmp_path):
     assert "| post-training + KD 300 steps | speedup=2.0 |" in text
     assert "| post-training + KD 900 steps | speedup=2.0 |" in text
     assert "the fastest graph within 1 point is post-training + KD 900 steps speedup=2.0" in text
+
+
+def test_a_second_search_of_one_target_is_told_apart(tmp_path):
+    """Two post-training searches of one target found different masks: the report says what each kept."""
+    first = dict(point("single-pt-2.0", "post-training", 2.0, 2.0, -1.8, -3.0, -0.6), target="speedup=2.0",
+                 notes=dict(flops_fraction=0.48, predicted_speedup=2.01))
+    second = dict(point("single-pt-2.0-search2", "post-training", 2.1, 2.0, -1.9, -3.1, -0.7),
+                  target="speedup=2.0 (2nd search)", notes=dict(flops_fraction=0.54, predicted_speedup=2.0))
+    record = dict(points=POINTS[:2] + [first, second], commands=[], machine={}, run={}, args=dict(threads="2"))
+    tr.write_report(record, tmp_path)
+    text = (tmp_path / "tradeoff.md").read_text()
+    assert "| post-training | speedup=2.0 (2nd search) |" in text
+    assert ("single `speedup=2.0 (2nd search)`: the post-training search run again (current code and cached latency "
+            "table) for a KD student; it kept 54% of the FLOPs (predicted 2.00x) where the first search kept 48% "
+            "(2.01x)") in text

@@ -5,8 +5,8 @@
   backward through the soft sigmoid(s theta), a constant push on theta towards pruning, positive
   initialisation (everything kept at first), pruned connections free to come back; training stops when the
   pruned fraction reaches the target, and the saved mask keeps exactly the top (1 - target) scores.
-  The scores learn with Adam and the push is applied after each step (decoupled, like AdamW's weight decay),
-  theta -= mask_lr * push. Added to the gradient instead, it would pass through Adam's per-coordinate
+  By default (variant adam) the scores learn with Adam and the push is applied after each step (decoupled, like
+  AdamW's weight decay), theta -= mask_lr * push. Added to the gradient instead, it would pass through Adam's per-coordinate
   normalisation, which turns "gradient + push" into the same step for every score: they would all cross zero
   together whatever the loss says (measured: a random-quality mask on SST-2).
   Measured on MiniLM + an SST-2 adapter (benchmarks/results/adapt_by_pruning.md): the scores learn from g * w, and
@@ -16,7 +16,10 @@
   scores and the head, theta -= lr_i * (grad + push), the push added to the gradient so that it follows the
   learning-rate schedule like the paper's gamma_i ("max regularisation"); lr 2e-5, gamma 2e-7 (push = gamma / lr),
   temperatures 1e5 / 1, init N(0.01, 0.001) (0.001 read as the standard deviation: as a variance, a third of the
-  scores would start pruned, which the paper says harms), 3 epochs on SST-2 at batch 8.
+  scores would start pruned, which the paper says harms), 3 epochs on SST-2 at batch 8. On MiniLM + the SST-2
+  adapter its loss moves the scores far less than their random start spreads them (extra["score_spread"];
+  benchmarks/results/adapt_by_pruning.md, part 4), so there the mask is the random start's; on small models at
+  a fitted rate it learns (tests).
 - `tamt` (Liu et al., "Learning to Win Lottery Tickets in BERT Transfer via Task-agnostic Mask Training",
   NAACL 2022): scores initialised from one-shot magnitude pruning (|w|, normalised per matrix), a per-matrix
   threshold keeping the target exactly, straight-through gradients to the scores, trained on a pretraining
