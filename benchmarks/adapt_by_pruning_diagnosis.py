@@ -155,7 +155,8 @@ def paper_report(run: dict) -> list:
     s, at = run["spread"], run["learned_spread_at_paper_budget"]
     t = run["trace"][::max(1, len(run["trace"]) // 8)]
     return ["## 4. The paper's variant at its own hyperparameters", "",
-            f"Plain gradient steps on scores and head (lr 2e-5, gamma 2e-7, init N(0.01, 0.001), temperatures 1e5 / 1), "
+            "Plain gradient steps on scores and head (lr 2e-5, gamma 2e-7, init N(0.01, 0.001), temperatures "
+            "1e5 / 1), "
             f"batch 8, {run['steps']} steps ({run['steps_run']} run) of the paper's {run['paper_steps']} (3 epochs).",
             "", "| step | " + " | ".join(str(x["step"]) for x in t) + " |", "|---|" + "---:|" * len(t),
             "| loss | " + " | ".join(f"{x['loss']:.3f}" for x in t) + " |",

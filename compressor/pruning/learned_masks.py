@@ -6,9 +6,9 @@
   initialisation (everything kept at first), pruned connections free to come back; training stops when the
   pruned fraction reaches the target, and the saved mask keeps exactly the top (1 - target) scores.
   By default (variant adam) the scores learn with Adam and the push is applied after each step (decoupled, like
-  AdamW's weight decay), theta -= mask_lr * push. Added to the gradient instead, it would pass through Adam's per-coordinate
-  normalisation, which turns "gradient + push" into the same step for every score: they would all cross zero
-  together whatever the loss says (measured: a random-quality mask on SST-2).
+  AdamW's weight decay), theta -= mask_lr * push. Added to the gradient instead, it would pass through Adam's
+  per-coordinate normalisation, which turns "gradient + push" into the same step for every score: they would all
+  cross zero together whatever the loss says (measured: a random-quality mask on SST-2).
   Measured on MiniLM + an SST-2 adapter (benchmarks/results/adapt_by_pruning.md): the scores learn from g * w, and
   the weights whose g * w most favours removal are the ones whose removal hurts most, so the mask ends at chance
   accuracy at every budget tried; extra["trace"] (loss and pruned fraction every TRACE_EVERY steps) shows it.
