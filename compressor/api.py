@@ -369,7 +369,7 @@ def _prune_result(req: PruneRequest, masks: MaskSet, ctx) -> PruneResult:
                        metrics=rows, task=ctx.spec.ref if ctx is not None else None,
                        dev_examples=len(ctx.dev_set) if ctx is not None else None,
                        stopped_early=str(extra["stopped_early"]) if extra.get("stopped_early") else None,
-                       trained_model=trained, recovery=recovery,
+                       warnings=[str(w) for w in extra.get("warnings") or []], trained_model=trained, recovery=recovery,
                        files=[out / TENSORS_FILE, out / META_FILE] + ([trained] if trained is not None else []))
 
 

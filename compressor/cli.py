@@ -423,6 +423,8 @@ def prune(
             _print_metrics(f"dev metrics{where}", r.metrics)
         if r.stopped_early:
             console.print(f"stopped early: {escape(r.stopped_early)}", highlight=False)
+        for warning in r.warnings:
+            console.print(f"warning: {escape(warning)}", highlight=False)
         if r.trained_model is not None:
             console.print(f"wrote {out}/masks.safetensors, {out}/masks.json and {out}/model (the trained model: "
                           f"compact, export and eval with --masks {out} use it)")

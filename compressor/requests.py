@@ -123,6 +123,7 @@ class PruneResult:
     task: Optional[str] = None  # the task reference, with data
     dev_examples: Optional[int] = None
     stopped_early: Optional[str] = None
+    warnings: List[str] = field(default_factory=list)  # a method's own doubts about its masks (extra["warnings"])
     trained_model: Optional[Path] = None  # OUT/model when the method (or --recover) trained weights
     recovery: Optional[dict] = None  # with --recover: kind, train, steps, loss, dev metrics (masks.json)
     files: List[Path] = field(default_factory=list)

@@ -481,3 +481,16 @@ def test_teacher_that_cannot_teach(headed_dir, flex_dir, data_file, root, tmp_pa
                                  "fusion", *BUDGET, "--out", tmp_path / "o"), needle, out=tmp_path / "o")
     assert_user_error(invoke("train", headed_dir, "--kd-hidden-weight", 2, *data_args(data_file), "--train",
                              "fusion", *BUDGET, "--out", tmp_path / "o"), "--teacher", out=tmp_path / "o")
+
+
+def test_prune_prints_the_methods_warnings(model_dir, data_file, tmp_path):
+    """adapt-by-pruning's paper variant at the paper's rate, five steps on a tiny model: nothing is pruned in
+    training and the loss barely moves the scores. The user is told both, and masks.json keeps them."""
+    out = tmp_path / "abp"
+    result = ok(invoke("prune", model_dir, "--method", "adapt-by-pruning", "--sparsity", "weights=0.5",
+                       *data_args(data_file), *BUDGET, "--option", "variant=paper", "--out", out))
+    text = " ".join(result.output.split())
+    assert "warning: adapt-by-pruning: training ended with 0.0% of the weights pruned, short of the 50% target" in text
+    assert "times less than their random start spreads them: the mask is the random start's" in text
+    warnings = json.loads((out / META_FILE).read_text())["warnings"]
+    assert len(warnings) == 2 and warnings[0].startswith("adapt-by-pruning: training ended with 0.0%")

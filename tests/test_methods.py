@@ -542,6 +542,7 @@ def test_adapt_by_pruning_paper_variant_weights_beat_random(planted, seed):
     # MiniLM + SST-2 at the paper's own rate: 1e-5 of it, and the mask is the random start's)
     spread = ms.extra["score_spread"]["weights"]
     assert abs(spread["initial"] - 0.001) < 1e-4 and spread["learned"] > 0.1 * spread["initial"]
+    assert ms.extra["warnings"] == []
     rand = [accuracy(ctx, planted.model, random_global(planted.model, ms.masks, 0.8, s)) for s in range(3)]
     assert accuracy(ctx, planted.model, ms.masks) >= 0.95 > max(rand) + 0.2
 

@@ -170,6 +170,23 @@ def _score_spread(units, scores: dict, opts: AdaptByPruningOptions, seed: int) -
     return out
 
 
+def _abp_warnings(targets: dict, fractions: dict, spread: dict) -> list:
+    """What the user of a learned mask should know: training ended short of the target (the final top-k chose the
+    rest), or the loss moved the scores too little to outrank their random start (the mask is the start's)."""
+    out = []
+    for kind, target in targets.items():
+        if fractions[kind] < target:
+            out.append(f"adapt-by-pruning: training ended with {fractions[kind]:.1%} of the {kind} pruned, short of "
+                       f"the {target:.0%} target; the final top-k by score pruned the rest (train longer, or raise "
+                       "--option push)")
+        s = spread[kind]
+        if s["initial"] > 0 and s["learned"] < 0.01 * s["initial"]:
+            ratio = s["initial"] / max(s["learned"], 1e-30)
+            out.append(f"adapt-by-pruning: the loss moved the {kind} scores {ratio:.0f} times less than their random "
+                       "start spreads them: the mask is the random start's (raise --option mask_lr)")
+    return out
+
+
 TRACE_EVERY = 10  # steps between two points of adapt-by-pruning's training trace
 
 
@@ -251,7 +268,7 @@ class AdaptByPruning(PruningMethod):
             masks.update(global_prune({k: scores[k] for k in part}, part, fraction,
                                       0 if kind == "weights" else cfg.min_keep))
         extra = dict(train=summary, reached_target_in_training=reached(0), pruned_fraction_at_stop=fractions,
-                     trace=trace, score_spread=spread)
+                     trace=trace, score_spread=spread, warnings=_abp_warnings(cfg.sparsity, fractions, spread))
         return MaskSet(masks, fingerprint(model), self.name, extra=extra, model=model.eval())
 
 
