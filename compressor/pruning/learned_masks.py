@@ -157,17 +157,20 @@ def _initial_scores(opts: AdaptByPruningOptions, seed: int):
 def _score_spread(units, scores: dict, opts: AdaptByPruningOptions, seed: int) -> dict:
     """Per kind, the standard deviation of the initial scores and of what training added to them. The push moves
     every score alike, so the second is the loss's doing; when it is far below the first, the final ranking (and
-    the mask) is the random initialisation's, not the task's (theta_0 is drawn again, not kept in memory)."""
-    initial, out = _initial_scores(opts, seed), {}
-    for kind in sorted({u.kind for u in units}):
-        first, moved = [], []
-        for u in units:
-            theta0 = initial(u)  # every unit, in order: the generator's state must follow the training's draw
-            if u.kind == kind:
-                first.append(theta0.flatten())
-                moved.append((scores[u.key] - theta0).flatten())
-        out[kind] = dict(initial=float(torch.cat(first).std()), learned=float(torch.cat(moved).std()))
-    return out
+    the mask) is the random initialisation's, not the task's. theta_0 is drawn again unit after unit, as training
+    drew it, and both spreads are summed as they go (nothing the size of the model is kept)."""
+    initial, sums = _initial_scores(opts, seed), {}
+    for u in units:
+        theta0 = initial(u).double()
+        moved = scores[u.key].double() - theta0
+        acc = sums.setdefault(u.kind, torch.zeros(5, dtype=torch.float64))
+        acc += torch.stack([torch.tensor(float(theta0.numel()), dtype=torch.float64), theta0.sum(),
+                            theta0.square().sum(), moved.sum(), moved.square().sum()])
+
+    def std(n, total, squares):
+        return math.sqrt(max(float(squares - total * total / n), 0.0) / max(float(n) - 1, 1))
+
+    return {kind: dict(initial=std(a[0], a[1], a[2]), learned=std(a[0], a[3], a[4])) for kind, a in sums.items()}
 
 
 def _abp_warnings(targets: dict, fractions: dict, spread: dict) -> list:
